@@ -1,0 +1,124 @@
+"""The `goatcounter-exports` command. Flags and the environment meet here, once, in `Settings`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+from .errors import ConfigError, GoatcounterExportsError, SpecError
+from .goatcounter.profile import GoatCounterProfile
+from .runtime import Runtime
+from .settings import Settings, check_url
+from .spec import Spec, load_default, load_path
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # also click's code for bad flags
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_spec(path: str | None) -> Spec:
+    try:
+        return load_path(path) if path else load_default()
+    except SpecError as exc:
+        fail(str(exc))
+
+
+def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
+    result = {}
+    for value in values:
+        namespace, sep, url = value.partition("=")
+        if not sep:
+            fail(f"--upstream takes NAMESPACE=URL, got {value!r}")
+        try:
+            result[namespace] = check_url(url, f"--upstream {namespace}")
+        except ConfigError as exc:
+            fail(str(exc))
+    return result
+
+
+def build_runtime(spec: Spec, settings: Settings) -> Runtime:
+    return Runtime(spec, settings, extensions=[GoatCounterProfile()])
+
+
+spec_option = click.option("--spec", "spec_path", type=click.Path(dir_okay=False), help="Capability document to serve.")
+upstream_option = click.option(
+    "--upstream", multiple=True, metavar="NAMESPACE=URL", help="Base URI for a consumed namespace (repeatable)."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="goatcounter-exports")
+def main() -> None:
+    """GoatCounter's export API as a REST API and an MCP server, served from a capability spec."""
+
+
+@main.command()
+@spec_option
+@upstream_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080).")
+@click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090).")
+def serve(
+    spec_path: str | None, upstream: tuple[str, ...], host: str, rest_port: int | None, mcp_port: int | None
+) -> None:
+    """Serve the capability's REST and MCP adapters."""
+    spec = load_spec(spec_path)
+    settings = make_settings(host=host, rest_port=rest_port, mcp_port=mcp_port, base_uris=parse_upstreams(upstream))
+    runtime = build_runtime(spec, settings)
+    guarded(lambda: runtime.check_bound_variables())
+    from .app import serve_forever
+
+    guarded(lambda: asyncio.run(serve_forever(runtime, announce=click.echo)))
+
+
+@main.command()
+@click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--schema", type=click.Path(dir_okay=False, exists=True), help="JSON Schema (default: bundled alpha2).")
+def lint(spec_file: str | None, schema: str | None) -> None:
+    """Check a capability document against the official schema and the runtime's rules."""
+    from .spec.lint import lint_text, load_schema
+    from .spec.loader import default_spec_text
+
+    if spec_file:
+        try:
+            text, source = Path(spec_file).read_text("utf-8"), spec_file
+        except OSError as exc:
+            fail(f"cannot read {spec_file}: {exc.strerror}")
+    else:
+        text, source = default_spec_text(), "<builtin>/goatcounter-exports.yaml"
+    findings = lint_text(text, source, load_schema(schema))
+    for finding in findings:
+        click.echo(f"{source}: {finding}")
+    errors = sum(1 for f in findings if f.level == "error")
+    click.echo(f"{source}: {errors} error(s), {len(findings) - errors} warning(s)")
+    sys.exit(EXIT_FAILURE if errors else EXIT_OK)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings.from_environ(**overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def guarded(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ConfigError as exc:
+        fail(str(exc))
+    except GoatcounterExportsError as exc:
+        fail(str(exc), EXIT_FAILURE)

@@ -1,0 +1,212 @@
+"""GoatCounter knowledge plugged into the generic runtime as an `Extension`.
+
+- `GOATCOUNTER_URL` names the site (`/api/v0` is appended when it has no path);
+- export ids are positive int32s, and the create body has known fields, so bad
+  input is refused before it can spend the hourly export budget;
+- the create body differs between v2.7.0 (no `format` field allowed) and main
+  (`format` required), so the upstream's version is learnt once from
+  `GET /status`, which costs no export budget, before the first create.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ..errors import InputError, UpstreamProtocolError
+from ..settings import Settings, check_url
+from ..spec.models import Consumes
+from ..spec.resolve import AdapterInput, Binding, Target
+from ..upstream import NOT_JSON, UpstreamRequest
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+INT32_MAX = 2**31 - 1
+SITE_URL_VARIABLE = "GOATCOUNTER_URL"
+API_PATH = "/api/v0"
+# The first release whose create body takes (and requires) `format`; v2.7.0 refuses it.
+FORMAT_FIELD_SINCE = (2, 8, 0)
+
+CREATE_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Export request. Only start_from_hit_id is usually needed; format is set to suit the server.",
+    "properties": {
+        "start_from_hit_id": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Export only pageviews with a hit id greater than this (exclusive); "
+            "pass the previous export's last_hit_id for an incremental export.",
+        },
+        "format": {
+            "type": "string",
+            "enum": ["csv", "json"],
+            "description": "csv (default). json (a ZIP) exists only on GoatCounter newer than v2.7.0.",
+        },
+        "start_from_day": {
+            "type": "string",
+            "format": "date-time",
+            "description": "json format only: first day to export (RFC 3339).",
+        },
+    },
+    "additionalProperties": False,
+}
+
+
+def is_goatcounter(consumes: Consumes) -> bool:
+    host = urlsplit(consumes.base_uri).hostname or ""
+    return consumes.namespace.startswith("goatcounter") or host.endswith("goatcounter.com")
+
+
+def is_create_export(target: Target) -> bool:
+    return target.method == "POST" and target.path.rstrip("/").endswith("/export")
+
+
+def site_api_url(site_url: str, variable: str = SITE_URL_VARIABLE) -> str:
+    """`https://mysite.goatcounter.com` -> `https://mysite.goatcounter.com/api/v0`; a URL with a path is kept."""
+    url = check_url(site_url, variable)
+    return url if urlsplit(url).path not in ("", "/") else url + API_PATH
+
+
+def status_url(api_uri: str) -> str:
+    """`/status` lives at the site root, beside `/api/v0`, not under it."""
+    site = api_uri[: -len(API_PATH)] if api_uri.endswith(API_PATH) else api_uri
+    return site + "/status"
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    match = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", text.strip())
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def takes_format_field(version: str) -> bool:
+    """Whether this GoatCounter's create body takes `format`. Untagged builds are taken as main."""
+    parsed = parse_version(version)
+    return parsed is None or parsed >= FORMAT_FIELD_SINCE
+
+
+class GoatCounterProfile:
+    def __init__(self) -> None:
+        self._versions: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    def base_uri(self, consumes: Consumes, settings: Settings) -> str | None:
+        if not is_goatcounter(consumes) or settings.base_uri_override(consumes.namespace):
+            return None
+        site = settings.environ.get(SITE_URL_VARIABLE)
+        return site_api_url(site) if site else None
+
+    def input_schema(self, binding: Binding, adapter_input: AdapterInput) -> dict[str, Any] | None:
+        if not is_goatcounter(binding.target.consumes):
+            return None
+        if adapter_input.feeds == "id" and adapter_input.type == "integer":
+            return {"minimum": 1, "maximum": INT32_MAX, "description": "Export id, as returned by create."}
+        if adapter_input.location == "body" and is_create_export(binding.target):
+            return CREATE_BODY_SCHEMA
+        return None
+
+    async def version(self, runtime: Runtime, api_uri: str) -> str:
+        """The upstream's version from the site's `/status` (no auth, no budget), cached per API URI."""
+        async with self._lock:
+            if api_uri not in self._versions:
+                request = UpstreamRequest("GET", status_url(api_uri), headers={"Accept": "application/json"})
+                status, body = await runtime.client.fetch_json(request)
+                if status != 200 or body is NOT_JSON or not isinstance(body.get("version"), str):
+                    raise UpstreamProtocolError(
+                        f"{request.host} did not tell its version (GET /status answered {status})", host=request.host
+                    )
+                self._versions[api_uri] = body["version"]
+            return self._versions[api_uri]
+
+    async def prepare(self, runtime: Runtime, target: Target, request: UpstreamRequest) -> UpstreamRequest:
+        if not (is_goatcounter(target.consumes) and is_create_export(target)):
+            return request
+        body = json.loads(request.body) if request.body else {}
+        version = await self.version(runtime, runtime.base_uri(target.consumes.namespace))
+        body = adapt_create_body(body, version)
+        headers = {**request.headers, "Content-Type": "application/json"}
+        return replace(request, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers)
+
+    def openapi_responses(self, binding: Binding) -> dict[str, Any] | None:
+        return openapi_responses(binding)
+
+    def openapi_schemas(self) -> dict[str, Any]:
+        return {"Export": EXPORT_SCHEMA}
+
+
+def adapt_create_body(body: dict[str, Any], version: str) -> dict[str, Any]:
+    """Add or drop `format` to suit the server; refuse what this server would refuse (and charge for)."""
+    body = dict(body)
+    export_format = body.get("format") or "csv"
+    if export_format == "json" and "start_from_hit_id" in body:
+        raise InputError("start_from_hit_id only applies to csv exports", field="start_from_hit_id")
+    if export_format == "csv" and "start_from_day" in body:
+        raise InputError("start_from_day only applies to json exports", field="start_from_day")
+    if takes_format_field(version):
+        body["format"] = export_format
+    else:
+        if export_format != "csv":
+            raise InputError(f"GoatCounter {version} makes only csv exports", field="format")
+        body.pop("format", None)
+    return body
+
+
+def _json(description: str, ref: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}}
+
+
+EXPORT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A GoatCounter export.",
+    "properties": {
+        "id": {"type": "integer"},
+        "site_id": {"type": "integer"},
+        "format": {"type": "string", "description": "Only on GoatCounter newer than v2.7.0."},
+        "start_from_hit_id": {"type": "integer"},
+        "last_hit_id": {"type": ["integer", "null"], "description": "Cursor: start the next export from this."},
+        "path": {"type": "string"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time", "description": "null while running."},
+        "num_rows": {"type": ["integer", "null"]},
+        "size": {"type": ["string", "null"], "description": "Size in MB, as text."},
+        "hash": {"type": ["string", "null"], "description": "SHA-256 of the gzip file."},
+        "error": {"type": ["string", "null"], "description": "Set when the export failed."},
+    },
+}
+ERROR_REF = "#/components/schemas/Error"
+EXPORT_REF = "#/components/schemas/Export"
+AUTH_RESPONSES = {
+    "401": _json("Unknown or missing GoatCounter key.", ERROR_REF),
+    "403": _json("The key lacks the export permission.", ERROR_REF),
+    "429": _json("Rate limited; see Retry-After and X-Rate-Limit-* headers.", ERROR_REF),
+}
+
+
+def openapi_responses(binding: Binding) -> dict[str, Any] | None:
+    target = binding.target
+    if not is_goatcounter(target.consumes):
+        return None
+    if is_create_export(target):
+        return {"202": _json("Export started.", EXPORT_REF), **AUTH_RESPONSES}
+    if target.path.rstrip("/").endswith("/download"):
+        return {
+            "200": {
+                "description": "The export file: gzip-compressed CSV, or plain CSV when Accept prefers text/csv.",
+                "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+                "content": {
+                    "application/gzip": {"schema": {"type": "string", "contentMediaType": "application/gzip"}},
+                    "text/csv": {"schema": {"type": "string"}},
+                },
+            },
+            "202": _json("Still being generated: try again shortly.", ERROR_REF),
+            "400": _json("Invalid id, or the file was deleted (exports are kept 24 hours).", ERROR_REF),
+            "404": _json("No such export for this site.", ERROR_REF),
+            **AUTH_RESPONSES,
+        }
+    return {"200": _json("The export.", EXPORT_REF), "404": _json("No such export.", ERROR_REF), **AUTH_RESPONSES}

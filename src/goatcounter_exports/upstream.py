@@ -1,0 +1,212 @@
+"""The upstream HTTP client: one pooled aiohttp session per process.
+
+aiohttp was chosen by measurement (bench/upstream_client.py): as the client
+behind a Starlette proxy it served several times the requests per second of
+httpx on this kind of machine. Everything aiohttp can raise is translated here,
+and only here, into `errors.Upstream*`. Messages name the upstream host, never
+the URL's query or any header, so a key placed there cannot leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from . import __version__
+from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64 * 1024
+MAX_BUFFERED_BYTES = 16 * 1024 * 1024
+RETRY_DELAYS = (0.2, 0.5)  # connection failures of idempotent requests only
+USER_AGENT = f"goatcounter-exports/{__version__}"
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    params: tuple[tuple[str, str], ...] = ()
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+
+    @property
+    def host(self) -> str:
+        return host_of(self.url)
+
+    def __repr__(self) -> str:  # headers and query may hold secrets
+        return f"UpstreamRequest({self.method} {self.host}{urlsplit(self.url).path})"
+
+
+def host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc.rpartition("@")[2]
+
+
+class UpstreamResponse:
+    """A response whose body has not been read yet. Only valid inside `UpstreamClient.stream`."""
+
+    def __init__(self, raw: aiohttp.ClientResponse, host: str) -> None:
+        self._raw = raw
+        self.host = host
+        self.status: int = raw.status
+        self.headers: CIMultiDictProxy[str] = raw.headers
+
+    @property
+    def content_type(self) -> str:
+        return self._raw.content_type.lower()
+
+    @property
+    def reason(self) -> str:
+        return self._raw.reason or ""
+
+    @property
+    def is_json(self) -> bool:
+        return self.content_type == "application/json" or self.content_type.endswith("+json")
+
+    @property
+    def is_textual(self) -> bool:
+        """JSON or text: small enough to buffer, and worth trying as JSON (GoatCounter sends
+        JSON as text/plain on some answers). Binary bodies are only ever streamed."""
+        return self.is_json or self.content_type.startswith("text/") or not self.content_type
+
+    async def chunks(self, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+        with translate_errors(self.host):
+            async for chunk in self._raw.content.iter_chunked(size):
+                yield chunk
+
+    async def read(self, limit: int = MAX_BUFFERED_BYTES) -> bytes:
+        buffer = bytearray()
+        async for chunk in self.chunks():
+            buffer += chunk
+            if len(buffer) > limit:
+                raise UpstreamProtocolError(f"answer from {self.host} is larger than {limit} bytes", host=self.host)
+        return bytes(buffer)
+
+    async def json(self, limit: int = MAX_BUFFERED_BYTES) -> Any:
+        """The body as JSON; raises UpstreamProtocolError when it is not JSON."""
+        document = parse_json(await self.read(limit))
+        if document is NOT_JSON:
+            raise UpstreamProtocolError(f"{self.host} answered {self.status} without a JSON body", host=self.host)
+        return document
+
+
+NOT_JSON: Any = object()
+
+
+def parse_json(body: bytes) -> Any:
+    """`body` parsed as JSON, or NOT_JSON. Only called on bodies already known to be textual."""
+    if body.lstrip()[:1] not in (b"{", b"["):  # every JSON answer of interest is an object or array
+        return NOT_JSON
+    try:
+        return json.loads(body)
+    except ValueError:
+        return NOT_JSON
+
+
+class _Translate:
+    """Context manager mapping aiohttp/asyncio failures to our error tree (the one place that does)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, UpstreamError):
+            return
+        if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+            raise UpstreamTimeout(f"upstream {self.host} did not answer in time", host=self.host) from None
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
+            reason = exc.os_error.strerror if isinstance(exc, aiohttp.ClientConnectorError) else "disconnected"
+            raise UpstreamUnreachable(f"upstream {self.host} is unreachable: {reason}", host=self.host) from None
+        if isinstance(exc, aiohttp.InvalidURL):
+            raise UpstreamUnreachable(f"upstream URL for {self.host} is invalid", host=self.host) from None
+        if isinstance(exc, aiohttp.ClientError):
+            name = type(exc).__name__
+            raise UpstreamProtocolError(f"upstream {self.host} failed: {name}", host=self.host) from None
+
+
+def translate_errors(host: str) -> _Translate:
+    return _Translate(host)
+
+
+class UpstreamClient:
+    """Pooled async client. Use as `async with UpstreamClient(...) as client`."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        max_connections: int = 64,
+    ) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> UpstreamClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=self._max_connections),
+                headers={"User-Agent": USER_AGENT},
+                trust_env=False,
+                auto_decompress=True,
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    @asynccontextmanager
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        """Send `request`; yield the response with its body unread; always release the connection."""
+        await self.open()
+        assert self._session is not None
+        delays = RETRY_DELAYS if request.method in ("GET", "HEAD") else ()
+        attempt = 0
+        while True:
+            try:
+                with translate_errors(request.host):
+                    raw = await self._session.request(
+                        request.method,
+                        request.url,
+                        params=list(request.params) or None,
+                        headers=dict(request.headers),
+                        data=request.body,
+                        allow_redirects=False,
+                    )
+                break
+            except UpstreamUnreachable:
+                if attempt >= len(delays):
+                    raise
+                await asyncio.sleep(delays[attempt])
+                attempt += 1
+        try:
+            yield UpstreamResponse(raw, request.host)
+        finally:
+            raw.release()
+
+    async def fetch_json(self, request: UpstreamRequest) -> tuple[int, Any]:
+        async with self.stream(request) as response:
+            return response.status, parse_json(await response.read()) if response.is_textual else NOT_JSON
