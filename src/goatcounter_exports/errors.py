@@ -31,8 +31,8 @@ class SpecError(GoatcounterExportsError):
         where = source
         if line is not None:
             where = f"{where}:{line}" if where else f"line {line}"
-        location = " ".join(part for part in (where, f"at {path}" if path else "") if part)
-        super().__init__(f"{location}: {message}" if location else message)
+        prefix = "".join(f"{part}: " for part in (where, path) if part)
+        super().__init__(prefix + message)
 
 
 class ConfigError(GoatcounterExportsError):
