@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
 
-from .support import Service, clean_env, start_service
+from .support import SERVE, Service, clean_env, start_service
 
 # Known pageviews: 30 paths, some repeated, so counts per path are checkable.
 SEEDED_PATHS = [f"/page-{i % 12}" for i in range(30)]
@@ -26,19 +27,20 @@ def goatcounter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGoatC
 
 
 def service_env(goatcounter: LocalGoatCounter, state_dir: Path, key: str | None = None, **extra: str) -> dict[str, str]:
-    return clean_env(
-        GOATCOUNTER_URL=goatcounter.url,
-        GOATCOUNTER_API_KEY=key if key is not None else goatcounter.export_key,
-        GOATCOUNTER_EXPORTS_STATE_DIR=str(state_dir),
+    values = {
+        "GOATCOUNTER_URL": goatcounter.url,
+        "GOATCOUNTER_API_KEY": key if key is not None else goatcounter.export_key,
+        "GOATCOUNTER_EXPORTS_STATE_DIR": str(state_dir),
         **extra,
-    )
+    }
+    return clean_env(**values)
 
 
 @pytest.fixture(scope="session")
 def service(goatcounter: LocalGoatCounter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`goatcounter-exports serve` on free ports, pointed at the test bed with an export key."""
     env = service_env(goatcounter, tmp_path_factory.mktemp("state"))
-    running = start_service(["serve", "--rest-port", "0", "--mcp-port", "0"], env)
+    running = start_service(SERVE, env)
     try:
         yield running
     finally:

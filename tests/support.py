@@ -21,6 +21,7 @@ SHARED = ROOT.parent / "shared"
 SCHEMA = SHARED / "naftiko" / "naftiko-schema-1.0.0-alpha2.json"
 SEED = SHARED / "seed" / "goatcounter-exports.yaml"
 CLI = [sys.executable, "-m", "goatcounter_exports"]
+SERVE = ["serve", "--rest-port", "0", "--mcp-port", "0"]  # any free ports: tests run beside a real service
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -37,6 +38,7 @@ class Service:
     process: subprocess.Popen[str]
     urls: dict[str, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def rest(self) -> str:
@@ -57,6 +59,10 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self.reader is not None:
+            self.reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return self.output()
 
 
@@ -81,7 +87,8 @@ def start_service(
                 announced.set()
         announced.set()
 
-    threading.Thread(target=pump, daemon=True).start()
+    service.reader = threading.Thread(target=pump, daemon=True)
+    service.reader.start()
     if not announced.wait(timeout) or not all(name in service.urls for name in want):
         service.stop()
         raise AssertionError(f"service did not start; output:\n{service.output()}")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
 
 from .conftest import SEEDED_PATHS, service_env
-from .support import RecordingProxy, Service, free_port, poll_export, running, silent_server
+from .support import SERVE, RecordingProxy, Service, free_port, poll_export, running, silent_server
 
 CSV_HEADER = (
     "2Path,Title,Event,UserAgent,Browser,System,Session,Bot,Referrer,Referrer scheme,Screen size,Location,"
@@ -38,7 +39,7 @@ def proxied(
     """The service behind a recording proxy, to prove what reaches GoatCounter. Records are cleared per test."""
     with RecordingProxy(goatcounter.url) as proxy:
         env = service_env(goatcounter, tmp_path_factory.mktemp("state"), GOATCOUNTER_URL=proxy.url)
-        with running(["serve", "--rest-port", "0"], env) as service:
+        with running(SERVE, env) as service:
             yield service, proxy
 
 
@@ -103,7 +104,7 @@ def test_unknown_export_id_is_404_json(service: Service) -> None:
     response = httpx.get(f"{service.rest}/v1/export/99999", timeout=30)
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
-    assert "404" in response.json()["error"]
+    assert response.json() == {"error": "not found"}
 
 
 @pytest.mark.parametrize(
@@ -148,20 +149,22 @@ def test_bad_create_body_is_refused_without_spending_the_export_budget(
     assert proxy.paths("POST") == []
 
 
-def test_create_on_v270_sends_no_format_field(proxied: tuple[Service, RecordingProxy]) -> None:
+def test_create_on_v270_sends_no_format_field(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
     """v2.7.0 refuses a `format` field (and still charges the hourly budget): the runtime leaves it out."""
-    service, proxy = proxied
-    response = httpx.post(f"{service.rest}/v1/export", json={"format": "csv"}, timeout=30)
+    with RecordingProxy(goatcounter.url) as proxy:
+        env = service_env(goatcounter, tmp_path, GOATCOUNTER_URL=proxy.url)
+        with running(SERVE, env) as service:
+            response = httpx.post(f"{service.rest}/v1/export", json={"format": "csv"}, timeout=30)
     assert response.status_code == 202, response.text
     posts = [(p, b) for m, p, b in proxy.requests if m == "POST"]
     assert posts == [("/api/v0/export", b"{}")]
     # The version was learnt first, from /status, which costs no export budget.
-    assert proxy.paths("GET") == ["/status"]
+    assert proxy.paths() == ["/status", "/api/v0/export"]
 
 
 def test_bad_token_is_401_passed_through(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
     env = service_env(goatcounter, tmp_path, key="not-a-real-token")
-    with running(["serve", "--rest-port", "0"], env) as service:
+    with running(SERVE, env) as service:
         response = httpx.get(f"{service.rest}/v1/export/1", timeout=30)
     assert response.status_code == 401
     assert response.json() == {"error": "unknown token"}
@@ -170,7 +173,7 @@ def test_bad_token_is_401_passed_through(goatcounter: LocalGoatCounter, tmp_path
 
 def test_token_without_export_permission_is_403(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
     env = service_env(goatcounter, tmp_path, key=goatcounter.noexport_key)
-    with running(["serve", "--rest-port", "0"], env) as service:
+    with running(SERVE, env) as service:
         response = httpx.get(f"{service.rest}/v1/export/1", timeout=30)
     assert response.status_code == 403
     assert "export" in response.json()["error"]
@@ -189,7 +192,7 @@ def test_download_before_finished_is_202(tmp_path: Path) -> None:
 
 def check_not_ready_then_ready(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
     env = service_env(goatcounter, tmp_path)
-    with running(["serve", "--rest-port", "0"], env) as service, httpx.Client(timeout=30) as client:
+    with running(SERVE, env) as service, httpx.Client(timeout=30) as client:
         created = client.post(f"{service.rest}/v1/export", json={})
         assert created.status_code == 202
         early = client.get(f"{service.rest}/v1/export/{created.json()['id']}/download")
@@ -206,7 +209,7 @@ def test_upstream_stopped_is_502_naming_the_host_not_the_key(tmp_path: Path) -> 
         **service_env_without_bed(tmp_path, secret),
         "GOATCOUNTER_URL": f"http://127.0.0.1:{port}",
     }
-    with running(["serve", "--rest-port", "0"], env) as service:
+    with running(SERVE, env) as service:
         response = httpx.get(f"{service.rest}/v1/export/1", timeout=30)
         output = service.output()
     assert response.status_code == 502
@@ -222,7 +225,7 @@ def test_upstream_timeout_is_504(tmp_path: Path) -> None:
             "GOATCOUNTER_URL": url,
             "GOATCOUNTER_EXPORTS_READ_TIMEOUT": "0.5",
         }
-        with running(["serve", "--rest-port", "0"], env) as service:
+        with running(SERVE, env) as service:
             response = httpx.get(f"{service.rest}/v1/export/1", timeout=30)
             output = service.output()
     assert response.status_code == 504

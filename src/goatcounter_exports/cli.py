@@ -106,6 +106,20 @@ def lint(spec_file: str | None, schema: str | None) -> None:
     sys.exit(EXIT_FAILURE if errors else EXIT_OK)
 
 
+@main.command()
+@spec_option
+@upstream_option
+@click.option("--stdio", is_flag=True, required=True, help="Serve MCP over stdin/stdout (for desktop clients).")
+def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool) -> None:
+    """Serve the capability's MCP tools over stdio."""
+    spec = load_spec(spec_path)
+    runtime = build_runtime(spec, make_settings(base_uris=parse_upstreams(upstream)))
+    guarded(lambda: runtime.check_bound_variables())
+    from .app import serve_stdio
+
+    guarded(lambda: asyncio.run(serve_stdio(runtime)))
+
+
 def make_settings(**overrides: Any) -> Settings:
     try:
         return Settings.from_environ(**overrides)

@@ -8,7 +8,8 @@
     │   ├── UpstreamUnreachable     connection refused, DNS failure, TLS failure
     │   ├── UpstreamTimeout         connect or read timeout
     │   └── UpstreamProtocolError   an answer we cannot use (oversized, undecodable)
-    └── ExportError             the GoatCounter export workflow failed (see goatcounter.workflow)
+    ├── ApiError                the upstream answered with an error status (its own message kept)
+    └── ExportError             the GoatCounter export workflow failed (see goatcounter.exports)
 
 Adapters map these once each: REST to a JSON body and a status, MCP to an
 `isError` result, the CLI to an exit code. Messages never contain secrets.
@@ -67,6 +68,16 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     status_code = 502
+
+
+class ApiError(GoatcounterExportsError):
+    """The upstream refused a request: its status, its message, and how long to wait when rate-limited."""
+
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+        super().__init__(f"upstream answered {status}: {message}")
 
 
 class ExportError(GoatcounterExportsError):

@@ -13,7 +13,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import jsonschema
@@ -24,6 +24,10 @@ from .spec import expressions as ex
 from .spec.models import Authentication, Consumes, OutputParameter, Spec
 from .spec.resolve import AdapterInput, AdapterKind, Binding, Target, resolve
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .errors import ApiError
+    from .outcome import Outcome, ToolSchema
 
 JSON_TYPES = {"string", "number", "integer", "boolean", "array", "object"}
 
@@ -45,6 +49,17 @@ class Extension(Protocol):
 
     def openapi_schemas(self) -> dict[str, Any]:
         """Named schemas the responses above refer to."""
+
+    def tool_schema(self, binding: Binding) -> ToolSchema | None:
+        """Extra tool arguments and an output schema for a tool this extension shapes, or None."""
+
+    async def run_tool(
+        self, runtime: Runtime, binding: Binding, inputs: dict[str, Any], extras: dict[str, Any]
+    ) -> Outcome | None:
+        """Run a tool call this extension knows better than the generic runtime, or None to leave it."""
+
+    def explain_error(self, binding: Binding, error: ApiError) -> str | None:
+        """The upstream's error message plus what to do about it, for a model or a person."""
 
 
 class Runtime:
@@ -136,13 +151,9 @@ class Runtime:
 
     # -- calling ---------------------------------------------------------------------------
 
-    def build_request(self, binding: Binding, inputs: Mapping[str, Any]) -> UpstreamRequest:
-        """Resolve `with`, fill the consumed path, and add authentication. Inputs must be validated."""
-        target = binding.target
+    def resolve_with(self, binding: Binding, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The consumed operation's input values, from the binding's `with` and the adapter inputs."""
         values: dict[str, Any] = {}
-        for parameter in target.inputs:
-            if parameter.value is not None:
-                values[parameter.name] = self._render(parameter.value, inputs, binding)
         for name, source in binding.sources.items():
             if isinstance(source, ex.InputRef):
                 if source.name in inputs and inputs[source.name] is not None:
@@ -151,6 +162,14 @@ class Runtime:
                 values[name] = self._render(source.text, inputs, binding)
             else:
                 values[name] = source.value
+        return values
+
+    def build_request(self, target: Target, values: Mapping[str, Any]) -> UpstreamRequest:
+        """Fill the consumed path, query, headers and body from `values`, and add authentication."""
+        values = {
+            **{p.name: self._render(p.value, values, None) for p in target.inputs if p.value is not None},
+            **values,
+        }
         path_values: dict[str, str] = {}
         params: list[tuple[str, str]] = []
         headers: dict[str, str] = {}
@@ -183,9 +202,15 @@ class Runtime:
     ) -> AsyncIterator[UpstreamResponse]:
         """Validate, build, prepare and send; yield the upstream response with its body unread."""
         inputs = self.validate(binding, raw, from_strings=from_strings)
-        request = self.build_request(binding, inputs)
+        async with self.call_target(binding.target, self.resolve_with(binding, inputs)) as response:
+            yield response
+
+    @asynccontextmanager
+    async def call_target(self, target: Target, values: Mapping[str, Any]) -> AsyncIterator[UpstreamResponse]:
+        """Call a consumed operation with its own input values (extensions' workflows use this)."""
+        request = self.build_request(target, values)
         for extension in self.extensions:
-            request = await extension.prepare(self, binding.target, request)
+            request = await extension.prepare(self, target, request)
         async with self.client.stream(request) as response:
             yield response
 

@@ -4,33 +4,32 @@
 - export ids are positive int32s, and the create body has known fields, so bad
   input is refused before it can spend the hourly export budget;
 - the create body differs between v2.7.0 (no `format` field allowed) and main
-  (`format` required), so the upstream's version is learnt once from
-  `GET /status`, which costs no export budget, before the first create.
+  (`format` required), so the server's style is learnt once (goatcounter.versions),
+  at no cost to the export budget, before the first create.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..errors import InputError, UpstreamProtocolError
+from ..errors import ApiError, InputError
+from ..outcome import Outcome, ToolSchema
 from ..settings import Settings, check_url
 from ..spec.models import Consumes
 from ..spec.resolve import AdapterInput, Binding, Target
-from ..upstream import NOT_JSON, UpstreamRequest
+from ..upstream import UpstreamRequest
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
+from . import tools
+from .versions import API_PATH, CreateBodyStyle
+
 INT32_MAX = 2**31 - 1
 SITE_URL_VARIABLE = "GOATCOUNTER_URL"
-API_PATH = "/api/v0"
-# The first release whose create body takes (and requires) `format`; v2.7.0 refuses it.
-FORMAT_FIELD_SINCE = (2, 8, 0)
 
 CREATE_BODY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -72,29 +71,9 @@ def site_api_url(site_url: str, variable: str = SITE_URL_VARIABLE) -> str:
     return url if urlsplit(url).path not in ("", "/") else url + API_PATH
 
 
-def status_url(api_uri: str) -> str:
-    """`/status` lives at the site root, beside `/api/v0`, not under it."""
-    site = api_uri[: -len(API_PATH)] if api_uri.endswith(API_PATH) else api_uri
-    return site + "/status"
-
-
-def parse_version(text: str) -> tuple[int, int, int] | None:
-    match = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", text.strip())
-    if not match:
-        return None
-    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
-
-
-def takes_format_field(version: str) -> bool:
-    """Whether this GoatCounter's create body takes `format`. Untagged builds are taken as main."""
-    parsed = parse_version(version)
-    return parsed is None or parsed >= FORMAT_FIELD_SINCE
-
-
 class GoatCounterProfile:
     def __init__(self) -> None:
-        self._versions: dict[str, str] = {}
-        self._lock = asyncio.Lock()
+        self.create_body = CreateBodyStyle()
 
     def base_uri(self, consumes: Consumes, settings: Settings) -> str | None:
         if not is_goatcounter(consumes) or settings.base_uri_override(consumes.namespace):
@@ -111,26 +90,18 @@ class GoatCounterProfile:
             return CREATE_BODY_SCHEMA
         return None
 
-    async def version(self, runtime: Runtime, api_uri: str) -> str:
-        """The upstream's version from the site's `/status` (no auth, no budget), cached per API URI."""
-        async with self._lock:
-            if api_uri not in self._versions:
-                request = UpstreamRequest("GET", status_url(api_uri), headers={"Accept": "application/json"})
-                status, body = await runtime.client.fetch_json(request)
-                if status != 200 or body is NOT_JSON or not isinstance(body.get("version"), str):
-                    raise UpstreamProtocolError(
-                        f"{request.host} did not tell its version (GET /status answered {status})", host=request.host
-                    )
-                self._versions[api_uri] = body["version"]
-            return self._versions[api_uri]
-
     async def prepare(self, runtime: Runtime, target: Target, request: UpstreamRequest) -> UpstreamRequest:
-        if not (is_goatcounter(target.consumes) and is_create_export(target)):
+        if not is_goatcounter(target.consumes):
             return request
-        body = json.loads(request.body) if request.body else {}
-        version = await self.version(runtime, runtime.base_uri(target.consumes.namespace))
-        body = adapt_create_body(body, version)
+        # GoatCounter answers errors in JSON only to requests that say they are JSON, GETs included.
         headers = {**request.headers, "Content-Type": "application/json"}
+        if not is_create_export(target):
+            return replace(request, headers=headers)
+        body = json.loads(request.body) if request.body else {}
+        version, takes_format = await self.create_body.learn(
+            runtime.client.fetch_json, runtime.base_uri(target.consumes.namespace)
+        )
+        body = adapt_create_body(body, version, takes_format)
         return replace(request, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers)
 
     def openapi_responses(self, binding: Binding) -> dict[str, Any] | None:
@@ -139,8 +110,25 @@ class GoatCounterProfile:
     def openapi_schemas(self) -> dict[str, Any]:
         return {"Export": EXPORT_SCHEMA}
 
+    def tool_schema(self, binding: Binding) -> ToolSchema | None:
+        if not is_goatcounter(binding.target.consumes):
+            return None
+        return tools.tool_schema(binding)
 
-def adapt_create_body(body: dict[str, Any], version: str) -> dict[str, Any]:
+    async def run_tool(
+        self, runtime: Runtime, binding: Binding, inputs: dict[str, Any], extras: dict[str, Any]
+    ) -> Outcome | None:
+        if not is_goatcounter(binding.target.consumes):
+            return None
+        return await tools.run_tool(runtime, binding, inputs, extras)
+
+    def explain_error(self, binding: Binding, error: ApiError) -> str | None:
+        if not is_goatcounter(binding.target.consumes):
+            return None
+        return tools.explain_error(error)
+
+
+def adapt_create_body(body: dict[str, Any], version: str, takes_format: bool) -> dict[str, Any]:
     """Add or drop `format` to suit the server; refuse what this server would refuse (and charge for)."""
     body = dict(body)
     export_format = body.get("format") or "csv"
@@ -148,7 +136,7 @@ def adapt_create_body(body: dict[str, Any], version: str) -> dict[str, Any]:
         raise InputError("start_from_hit_id only applies to csv exports", field="start_from_hit_id")
     if export_format == "csv" and "start_from_day" in body:
         raise InputError("start_from_day only applies to json exports", field="start_from_day")
-    if takes_format_field(version):
+    if takes_format:
         body["format"] = export_format
     else:
         if export_format != "csv":
