@@ -147,10 +147,10 @@ def start_watchdog(stop: Callable[[], None]) -> None:
 # The upstream: a raw asyncio HTTP/1.1 server, so that it costs far less CPU than the proxy under test
 
 
-def http_response(content_type: str, body: bytes, extra_headers: Sequence[tuple[str, str]] = ()) -> bytes:
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Server", "bench-upstream")]
+def response_head(content_type: str, length: int, extra_headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    headers = [("Content-Type", content_type), ("Content-Length", str(length)), ("Server", "bench-upstream")]
     head = "HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in [*headers, *extra_headers]) + "\r\n"
-    return head.encode("ascii") + body
+    return head.encode("ascii")
 
 
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\nnot found\n"
@@ -167,9 +167,9 @@ def make_big_body(size: int) -> bytes:
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """Answers GET requests from precomputed responses; keeps connections alive (HTTP/1.1)."""
+    """Answers GET requests from precomputed responses (written part by part); keeps connections alive."""
 
-    def __init__(self, routes: Mapping[bytes, bytes]) -> None:
+    def __init__(self, routes: Mapping[bytes, Sequence[bytes]]) -> None:
         self._routes = routes
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -188,7 +188,8 @@ class UpstreamProtocol(asyncio.Protocol):
             request_line, _, headers = head.partition(b"\r\n")
             parts = request_line.split(b" ")
             path = parts[1].partition(b"?")[0] if len(parts) == 3 else b""
-            transport.write(self._routes.get(path, NOT_FOUND))
+            for part in self._routes.get(path, (NOT_FOUND,)):
+                transport.write(part)
             if b"connection: close" in headers.lower() or parts[-1] == b"HTTP/1.0":
                 transport.close()
                 return
@@ -196,7 +197,7 @@ class UpstreamProtocol(asyncio.Protocol):
             transport.close()
 
 
-async def run_upstream(sock: socket.socket, routes: Mapping[bytes, bytes]) -> None:
+async def run_upstream(sock: socket.socket, routes: Mapping[bytes, Sequence[bytes]]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -213,11 +214,15 @@ async def run_upstream(sock: socket.socket, routes: Mapping[bytes, bytes]) -> No
 
 def serve_upstream(args: argparse.Namespace) -> None:
     small, big = make_small_body(), make_big_body(int(args.big_mb * 1_000_000))
-    routes = {
-        b"/small": http_response("application/json", small),
-        b"/big": http_response(
-            "application/gzip", big, [("Content-Disposition", 'attachment; filename="export.csv.gz"')]
-        ),
+    attachment = [("Content-Disposition", 'attachment; filename="export.csv.gz"')]
+    big4_sha256 = hashlib.sha256()
+    for _ in range(4):
+        big4_sha256.update(big)
+    routes: dict[bytes, Sequence[bytes]] = {
+        b"/small": (response_head("application/json", len(small)) + small,),
+        b"/big": (response_head("application/gzip", len(big), attachment) + big,),
+        # Four times the file, still a valid gzip file (four members), for the constant-memory check.
+        b"/big4": (response_head("application/gzip", 4 * len(big), attachment), big, big, big, big),
     }
     sock = listen_loopback()
     info = {
@@ -227,6 +232,8 @@ def serve_upstream(args: argparse.Namespace) -> None:
         "small_sha256": hashlib.sha256(small).hexdigest(),
         "big_bytes": len(big),
         "big_sha256": hashlib.sha256(big).hexdigest(),
+        "big4_bytes": 4 * len(big),
+        "big4_sha256": big4_sha256.hexdigest(),
     }
     announce(info)
     asyncio.run(run_upstream(sock, routes))
@@ -370,12 +377,12 @@ def build_proxy_app(client_name: str, upstream: str, default_limits: bool, on_st
 
     async def big(request: Request) -> Response:
         assert client is not None
-        answer = await client.stream(upstream + "/big")
+        answer = await client.stream(upstream + request.url.path)
         return StreamingResponse(
             answer.chunks, status_code=answer.status, headers=answer.headers, background=BackgroundTask(answer.close)
         )
 
-    return Starlette(routes=[Route("/small", small), Route("/big", big)], lifespan=lifespan)
+    return Starlette(routes=[Route("/small", small), Route("/big", big), Route("/big4", big)], lifespan=lifespan)
 
 
 def serve_proxy(args: argparse.Namespace) -> None:
@@ -630,8 +637,9 @@ class PeakRss:
 class BigResult:
     seconds: list[float]
     size: int
-    rss_before_kib: int | None = None
-    rss_peak_kib: int | None = None
+    rss_before_kib: int | None = None  # proxy RSS just before the first /big
+    rss_peak_kib: int | None = None  # peak proxy RSS during the N /big downloads
+    rss_extra_4x_kib: int | None = None  # how much higher the peak went while streaming a body 4x as large
     rss_method: str = ""
 
     @property
@@ -643,16 +651,31 @@ class BigResult:
         return self.size / 1e6 / self.median_s
 
 
-def time_downloads(port: int, count: int, upstream: dict[str, Any]) -> BigResult:
-    seconds: list[float] = []
+def download(port: int, path: str, upstream: dict[str, Any], sink: bytearray) -> float:
+    """Seconds to GET one large file; it must be byte for byte the upstream's."""
+    key = path.removeprefix("/")
+    started = time.perf_counter()
+    status, size, digest = http_get(port, path, sink)
+    elapsed = time.perf_counter() - started
+    if (status, size, digest) != (200, upstream[f"{key}_bytes"], upstream[f"{key}_sha256"]):
+        raise BenchError(f"GET {path} answered {status} with {size} bytes (sha256 {digest[:12]}...), not the file")
+    return elapsed
+
+
+def time_downloads(port: int, pid: int | None, count: int, upstream: dict[str, Any]) -> BigResult:
+    """N sequential /big downloads; for a proxy, with its peak RSS, then once more with a 4x body."""
     sink = bytearray(CHUNK_SIZE)
-    for _ in range(count):
-        started = time.perf_counter()
-        status, size, digest = http_get(port, "/big", sink)
-        seconds.append(time.perf_counter() - started)
-        if (status, size, digest) != (200, upstream["big_bytes"], upstream["big_sha256"]):
-            raise BenchError(f"GET /big answered {status} with {size} bytes (sha256 {digest[:12]}...), not the file")
-    return BigResult(seconds=seconds, size=upstream["big_bytes"])
+    result = BigResult(seconds=[], size=upstream["big_bytes"])
+    if pid is None:
+        result.seconds = [download(port, "/big", upstream, sink) for _ in range(count)]
+        return result
+    with PeakRss(pid) as rss:
+        result.seconds = [download(port, "/big", upstream, sink) for _ in range(count)]
+    with PeakRss(pid) as rss4:
+        download(port, "/big4", upstream, sink)
+    result.rss_before_kib, result.rss_peak_kib, result.rss_method = rss.before_kib, rss.peak_kib, rss.method
+    result.rss_extra_4x_kib = max(0, rss4.peak_kib - rss.peak_kib)
+    return result
 
 
 @dataclass
@@ -690,12 +713,7 @@ def measure(
     cpu_before = cpu_seconds(pid) if pid else 0.0
     small = run_wrk(lua, port, settings.duration, settings.threads, settings.connections)
     cpu_per_request = (cpu_seconds(pid) - cpu_before) / small.requests * 1e6 if pid and small.requests else None
-    if pid:
-        with PeakRss(pid) as rss:
-            big = time_downloads(port, settings.big_count, upstream)
-        big.rss_before_kib, big.rss_peak_kib, big.rss_method = rss.before_kib, rss.peak_kib, rss.method
-    else:
-        big = time_downloads(port, settings.big_count, upstream)
+    big = time_downloads(port, pid, settings.big_count, upstream)
     return Measurement(target, round_no, small, cpu_per_request, big)
 
 
@@ -731,6 +749,12 @@ def check_prerequisites(clients: Sequence[str], explicit: bool) -> tuple[list[st
             problems.append(f"Python package {module} is missing: {install} {module}")
     runnable: list[str] = []
     for client in clients:
+        if client == "httpx" and importlib.util.find_spec("sniffio") is None:
+            notes.append(
+                "sniffio is not installed (anyio 4.16 no longer pulls it in), so httpcore 1.x retries a failing"
+                " `import sniffio` several times per request: httpx is measured as a fresh install gets it;"
+                " put sniffio on PYTHONPATH to measure it without that cost (bench/README.md)"
+            )
         if client == "httpx2":
             if importlib.util.find_spec("httpx2") is None:
                 message = f"httpx2 is not installed ({install} httpx2)"
@@ -783,24 +807,31 @@ def report(measurements: Sequence[Measurement], settings: Settings, server_info:
             f" | {fmt_ratio(rps[target], best_rps) if target != DIRECT else '-'}"
             f" | {fmt_ratio(rps[target], direct_rps)} | {f'{median_of(cpu):.0f}' if cpu else '-'} |"
         )
-    size_mb = next(iter(by_target.values()))[0].big.size / 1e6
+    size = next(iter(by_target.values()))[0].big.size
     lines += [
         "",
-        f"/big: {settings.big_count} sequential downloads of {size_mb:.1f} MB per target and round"
-        " (size and SHA-256 checked); proxy RSS just before the first one and at peak during them",
+        f"/big: {settings.big_count} sequential downloads of {size / 1e6:.1f} MB per target and round, then one"
+        f" of {4 * size / 1e6:.0f} MB (size and SHA-256 of each checked). Proxy RSS: just before the first /big,"
+        f" peak during the /big downloads, and how much higher it peaked for the {4 * size / 1e6:.0f} MB body"
+        " (a proxy that buffers needs about 3 x the file more; one that streams, nothing)",
         "",
-        "| target | median s | MB/s | vs best client | vs direct | RSS before MiB | peak RSS MiB | growth MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | median s | MB/s | vs best client | vs direct | RSS before MiB | peak MiB | +peak for 4x MiB"
+        " | constant memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    leaky: list[str] = []
     for target, ms in by_target.items():
         befores = [m.big.rss_before_kib for m in ms if m.big.rss_before_kib is not None]
         peaks = [m.big.rss_peak_kib for m in ms if m.big.rss_peak_kib is not None]
-        growth = [m.big.rss_peak_kib - m.big.rss_before_kib for m in ms if m.big.rss_peak_kib and m.big.rss_before_kib]
-        rss = (
-            f"{max(befores) / 1024:.1f} | {max(peaks) / 1024:.1f} | {max(growth) / 1024:.2f}"
-            if befores and peaks and growth
-            else "- | - | -"
-        )
+        extras = [m.big.rss_extra_4x_kib for m in ms if m.big.rss_extra_4x_kib is not None]
+        if befores and peaks and extras:
+            constant = max(extras) * 1024 < size / 2
+            if not constant:
+                leaky.append(target)
+            verdict = "yes" if constant else "NO"
+            rss = f"{max(befores) / 1024:.1f} | {max(peaks) / 1024:.1f} | {max(extras) / 1024:.2f} | {verdict}"
+        else:
+            rss = "- | - | - | -"
         lines.append(
             f"| {target} | {median_of([m.big.median_s for m in ms]):.3f} | {mbps[target]:,.0f}"
             f" | {fmt_ratio(mbps[target], best_mbps) if target != DIRECT else '-'}"
@@ -815,16 +846,8 @@ def report(measurements: Sequence[Measurement], settings: Settings, server_info:
             + (f", {lead:.0f}% more req/s than {ranked[1]}" if len(ranked) > 1 else "")
             + (" (under 5%: within run-to-run noise, run again)" if len(ranked) > 1 and lead < 5 else "")
         )
-        body = size_mb * 1024  # KiB, roughly the body size
-        for target in clients:
-            growth_kib = [
-                m.big.rss_peak_kib - m.big.rss_before_kib
-                for m in by_target[target]
-                if m.big.rss_peak_kib is not None and m.big.rss_before_kib is not None
-            ]
-            if growth_kib and max(growth_kib) > body / 2:
-                growth_mib = max(growth_kib) / 1024
-                lines.append(f"WARNING: {target} grew by {growth_mib:.1f} MiB during /big: is it buffering?")
+    for target in leaky:
+        lines.append(f"WARNING: {target}'s memory grew with the body size during /big4: it buffers, not streams")
     if server_info:
         lines.append(f"Proxy server: uvicorn, 1 worker, loop {server_info.get('loop')}, http {server_info.get('http')}")
     return "\n".join(lines)

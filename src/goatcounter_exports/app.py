@@ -52,7 +52,12 @@ def listeners(runtime: Runtime, *, rest: bool = True, mcp: bool = True) -> list[
     return result
 
 
-async def serve_forever(runtime: Runtime, announce: Callable[[str], None] = print) -> None:
+async def serve_forever(
+    runtime: Runtime,
+    announce: Callable[[str], None] = print,
+    then: Callable[[list[Listener]], None] = lambda listeners: None,
+) -> None:
+    """Serve every adapter until Ctrl-C. Announces `REST  <url>` / `MCP   <url>` once all listen."""
     found = listeners(runtime)
     for listener in found:
         bind(listener, "--rest-port" if listener.name == "REST" else "--mcp-port")
@@ -60,6 +65,7 @@ async def serve_forever(runtime: Runtime, announce: Callable[[str], None] = prin
     def started() -> None:
         for listener in found:
             announce(f"{listener.name:<5} {listener.url}")
+        then(found)
 
     async with runtime:
         await run_listeners(found, started)

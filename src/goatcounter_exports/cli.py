@@ -120,6 +120,25 @@ def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool) -> None:
     guarded(lambda: asyncio.run(serve_stdio(runtime)))
 
 
+@main.command()
+@spec_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080).")
+@click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090).")
+@click.option("--pageviews", type=click.IntRange(1, 100_000), default=300, show_default=True)
+def demo(spec_path: str | None, host: str, rest_port: int | None, mcp_port: int | None, pageviews: int) -> None:
+    """Start a local GoatCounter with sample pageviews and serve REST and MCP against it."""
+    from .demo import run_demo
+    from .goatcounter.local import LocalGoatCounterError
+
+    spec = load_spec(spec_path)
+    settings = make_settings(host=host, rest_port=rest_port, mcp_port=mcp_port)
+    try:
+        guarded(lambda: run_demo(spec, settings, click.echo, pageviews))
+    except LocalGoatCounterError as exc:
+        fail(str(exc), EXIT_FAILURE)
+
+
 def make_settings(**overrides: Any) -> Settings:
     try:
         return Settings.from_environ(**overrides)

@@ -62,12 +62,14 @@ class Settings:
         for name, variable, convert in (
             ("connect_timeout", "GOATCOUNTER_EXPORTS_CONNECT_TIMEOUT", float),
             ("read_timeout", "GOATCOUNTER_EXPORTS_READ_TIMEOUT", float),
+            ("rest_port", "GOATCOUNTER_EXPORTS_REST_PORT", int),
+            ("mcp_port", "GOATCOUNTER_EXPORTS_MCP_PORT", int),
         ):
             if env.get(variable):
                 try:
                     values[name] = convert(env[variable])
                 except ValueError:
-                    raise ConfigError(f"{variable} must be a number of seconds, got {env[variable]!r}") from None
+                    raise ConfigError(f"{variable} must be a number, got {env[variable]!r}") from None
         if env.get("GOATCOUNTER_EXPORTS_ALLOWED_HOSTS"):
             values["allowed_hosts"] = tuple(h.strip() for h in env["GOATCOUNTER_EXPORTS_ALLOWED_HOSTS"].split(","))
         values.update({k: v for k, v in overrides.items() if v is not None})

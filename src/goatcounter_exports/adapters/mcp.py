@@ -59,7 +59,12 @@ class ToolSet:
         return types.Tool(
             name=binding.name,
             description=binding.description or binding.target.operation.description,
-            input_schema={"type": "object", "properties": properties, "required": required},
+            input_schema={
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": False,
+            },
             output_schema=self.extras[binding.name].output_schema,
             annotations=types.ToolAnnotations(
                 title=binding.description or None,
@@ -148,6 +153,18 @@ def create_mcp_server(runtime: Runtime, namespace: str | None = None) -> Server[
     async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         return to_result(await toolset.call(params.name, dict(params.arguments or {})))
 
+    # The spec declares no MCP resources or prompts; answering their lists (empty) rather than
+    # "method not found" lets generic clients probe every list without an error.
+    async def list_resources(
+        ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=[])
+
+    async def list_prompts(
+        ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        return types.ListPromptsResult(prompts=[])
+
     return Server(
         expose.namespace if expose else "goatcounter-exports",
         version=__version__,
@@ -156,4 +173,6 @@ def create_mcp_server(runtime: Runtime, namespace: str | None = None) -> Server[
         get_tool_input_schema=lambda name: toolset.input_schemas.get(name),
         on_list_tools=list_tools,
         on_call_tool=call_tool,
+        on_list_resources=list_resources,
+        on_list_prompts=list_prompts,
     )

@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from io import BufferedWriter
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -147,7 +148,11 @@ class LocalGoatCounter:
     sites: list[LocalSite] = field(default_factory=list, init=False, repr=False)
     version: str = field(default="", init=False)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    _log: Any = field(default=None, init=False, repr=False)
+    _log: BufferedWriter | None = field(default=None, init=False, repr=False)
+    _wanted_port: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._wanted_port = self.port  # None: a free port on every start
 
     # ------------------------------------------------------------------ paths and site shortcuts
 
@@ -212,7 +217,7 @@ class LocalGoatCounter:
         vhosts = [PRIMARY_VHOST, *(v for v in self.extra_vhosts if v != PRIMARY_VHOST)]
         for vhost in vhosts:
             self._ensure_site(vhost)
-        fixed_port = self.port
+        fixed_port = self._wanted_port
         attempts = 1 if fixed_port is not None else 3
         for attempt in range(attempts):
             self.port = fixed_port if fixed_port is not None else _free_port()
@@ -224,8 +229,7 @@ class LocalGoatCounter:
                 in_use = "address already in use" in self._log_tail()
                 self.stop()
                 if not in_use or attempt == attempts - 1:
-                    if fixed_port is None:
-                        self.port = None
+                    self.port = fixed_port
                     raise
 
     def stop(self) -> None:
@@ -293,9 +297,9 @@ class LocalGoatCounter:
             "select coalesce(max(hit_id), 0) from hits where site_id = ?", (site or self.site).site_id
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, timeout: float = 10.0) -> dict[str, Any]:
         """GET /status (no auth): version, uptime, database, go, ..."""
-        result = self.request("GET", "/status")
+        result = self.request("GET", "/status", timeout=timeout)
         if result.status != 200:
             raise LocalGoatCounterError(f"GET /status answered {result.status}")
         data = result.json()
@@ -491,10 +495,15 @@ class LocalGoatCounter:
                     f"goatcounter serve exited with {self._process.returncode} during startup\n{self._log_tail()}"
                 )
             try:
-                self.version = str(self.status().get("version", ""))
-                return
+                version = str(self.status(timeout=1.0).get("version", ""))
             except (OSError, LocalGoatCounterError, ValueError):
                 pass
+            else:
+                # Whoever answered, our process must still be alive (not exited on "address in use").
+                time.sleep(0.05)
+                if self._process.poll() is None:
+                    self.version = version
+                    return
             if time.monotonic() > deadline:
                 waited = f"{self.startup_timeout:.0f}s"
                 raise LocalGoatCounterError(

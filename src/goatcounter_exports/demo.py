@@ -1,0 +1,70 @@
+"""`goatcounter-exports demo`: a real local GoatCounter with sample pageviews, served as REST and MCP.
+
+For someone with no GoatCounter account at hand. It uses the same binary and
+set-up as the test bed, prints what to try, and stops what it started on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .app import serve_forever
+from .goatcounter.local import LocalGoatCounter, default_cache_dir, find_binary
+from .goatcounter.profile import GoatCounterProfile
+from .runtime import Runtime
+from .server import Listener
+from .settings import Settings
+from .spec import Spec
+
+SAMPLE_PAGES = ["/", "/about", "/blog", "/blog/goats", "/blog/privacy", "/pricing", "/docs", "/docs/api", "/contact"]
+SAMPLE_REFERRERS = ["", "", "https://news.ycombinator.com", "https://duckduckgo.com", "https://example.org/links"]
+
+
+def sample_pageviews(count: int, seed: int = 7) -> list[dict[str, Any]]:
+    """Repeatable sample traffic: popular pages more often, a few referrers."""
+    rng = random.Random(seed)  # noqa: S311 - sample data, not secrets
+    weights = [len(SAMPLE_PAGES) - i for i in range(len(SAMPLE_PAGES))]
+    hits = []
+    for _ in range(count):
+        path = rng.choices(SAMPLE_PAGES, weights)[0]
+        hit: dict[str, Any] = {"path": path, "title": path.strip("/").replace("/", " / ").title() or "Home"}
+        referrer = rng.choice(SAMPLE_REFERRERS)
+        if referrer:
+            hit["ref"] = referrer
+        hits.append(hit)
+    return hits
+
+
+def run_demo(spec: Spec, settings: Settings, announce: Callable[[str], None], pageviews: int = 300) -> None:
+    binary = find_binary(cache_dir=default_cache_dir(settings.environ))
+    with tempfile.TemporaryDirectory(prefix="goatcounter-demo-") as workdir:
+        goatcounter = LocalGoatCounter(binary, Path(workdir))
+        announce(f"Starting GoatCounter ({binary.name}) with a sample site ...")
+        with goatcounter:
+            goatcounter.seed(sample_pageviews(pageviews))
+            environ = {
+                **settings.environ,
+                "GOATCOUNTER_URL": goatcounter.url,
+                "GOATCOUNTER_API_KEY": goatcounter.export_key,
+            }
+            demo_settings = Settings(**{**settings.__dict__, "environ": environ})
+            runtime = Runtime(spec, demo_settings, extensions=[GoatCounterProfile()])
+
+            def explain(found: list[Listener]) -> None:
+                rest = next((f.url.rstrip("/") for f in found if f.name == "REST"), "http://127.0.0.1:8080")
+                announce("")
+                announce(f"GoatCounter  {goatcounter.url}  ({pageviews} sample pageviews)")
+                announce(f"API key      {goatcounter.export_key}  (a key of this local demo only)")
+                announce("")
+                announce("Try:")
+                announce(f"  curl -s -X POST {rest}/v1/export -H 'Content-Type: application/json' -d '{{}}'")
+                announce(f"  curl -s {rest}/v1/export/1")
+                announce(f"  curl -s -H 'Accept: text/csv' {rest}/v1/export/1/download | head")
+                announce("Press Ctrl-C to stop the demo and its GoatCounter.")
+
+            asyncio.run(serve_forever(runtime, announce, explain))
