@@ -1000,6 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         child_main(argv[0], argv[1:])
         return 0
     args = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGHUP, _stop_on_signal)
     try:

@@ -67,7 +67,7 @@ class Service:
 
 
 def start_service(
-    args: list[str], env: Mapping[str, str], want: tuple[str, ...] = ("REST",), timeout: float = 30
+    args: list[str], env: Mapping[str, str], want: tuple[str, ...] = ("REST", "MCP"), timeout: float = 30
 ) -> Service:
     """Start the CLI and wait until it announces each adapter in `want` (e.g. "REST  http://...")."""
     process = subprocess.Popen(
@@ -96,7 +96,7 @@ def start_service(
 
 
 @contextmanager
-def running(args: list[str], env: Mapping[str, str], want: tuple[str, ...] = ("REST",)) -> Iterator[Service]:
+def running(args: list[str], env: Mapping[str, str], want: tuple[str, ...] = ("REST", "MCP")) -> Iterator[Service]:
     service = start_service(args, env, want)
     try:
         yield service

@@ -13,9 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from mcp import Client, StdioServerParameters
 
 from goatcounter_exports.goatcounter.local import LocalGoatCounter
+from mcp import Client, StdioServerParameters
 
 from .conftest import SEEDED_PATHS, service_env
 from .support import SERVE, RecordingProxy, Service, running

@@ -148,7 +148,7 @@ def test_second_spec_is_served_by_the_same_runtime(echo: str, tmp_path: Path) ->
         NOTES_URL=echo + "/api",  # the generic <NAMESPACE>_URL override
         ARCHIVE_URL=echo,
     )
-    with running([*SERVE, "--spec", str(spec)], env) as service:
+    with running([*SERVE, "--spec", str(spec)], env, want=("REST",)) as service:
         notes = httpx.get(f"{service.rest}/things/42/notes?limit=5", headers={"trace": "t-1"}, timeout=30)
         search = httpx.post(f"{service.rest}/search", json={"q": "goats"}, timeout=30)
         bad = httpx.get(f"{service.rest}/things/x/notes", timeout=30)
@@ -175,7 +175,7 @@ def test_second_spec_header_and_apikey_reach_the_upstream(echo: str, tmp_path: P
     spec = tmp_path / "notes.yaml"
     spec.write_text(SECOND_SPEC.replace("mapping: $.path}", "mapping: $.headers}"))
     env = clean_env(NOTES_API_KEY="notes-key-123", NOTES_PASSWORD="pw", NOTES_URL=echo + "/api", ARCHIVE_URL=echo)
-    with running([*SERVE, "--spec", str(spec)], env) as service:
+    with running([*SERVE, "--spec", str(spec)], env, want=("REST",)) as service:
         response = httpx.get(f"{service.rest}/things/7/notes", headers={"trace": "abc"}, timeout=30)
     headers = response.json()["seen_path"]
     assert headers["x-api-key"] == "notes-key-123"

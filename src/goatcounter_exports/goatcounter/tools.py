@@ -18,19 +18,25 @@ from . import exports
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
+
+def nullable(json_type: str) -> dict[str, Any]:
+    """A nullable field spelt with `anyOf`, which single-type schema dialects map better than a type array."""
+    return {"anyOf": [{"type": json_type}, {"type": "null"}]}
+
+
 EXPORT_OUTPUT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "id": {"type": "integer"},
         "state": {"type": "string", "enum": ["running", "finished", "failed"]},
-        "start_from_hit_id": {"type": ["integer", "null"]},
-        "last_hit_id": {"type": ["integer", "null"], "description": "Pass as start_from_hit_id next time."},
-        "created_at": {"type": ["string", "null"]},
-        "finished_at": {"type": ["string", "null"]},
-        "num_rows": {"type": ["integer", "null"]},
-        "size": {"type": ["string", "null"], "description": "MB, as text"},
-        "hash": {"type": ["string", "null"]},
-        "error": {"type": ["string", "null"]},
+        "start_from_hit_id": nullable("integer"),
+        "last_hit_id": {**nullable("integer"), "description": "Pass as start_from_hit_id next time."},
+        "created_at": nullable("string"),
+        "finished_at": nullable("string"),
+        "num_rows": nullable("integer"),
+        "size": {**nullable("string"), "description": "MB, as text"},
+        "hash": nullable("string"),
+        "error": nullable("string"),
     },
     "required": ["id", "state"],
 }
@@ -45,8 +51,8 @@ PAGE_OUTPUT: dict[str, Any] = {
         "rows_returned": {"type": "integer"},
         "total_rows": {"type": "integer"},
         "has_more": {"type": "boolean"},
-        "next_offset": {"type": ["integer", "null"]},
-        "hash_ok": {"type": ["boolean", "null"], "description": "SHA-256 of the file matched the export's hash"},
+        "next_offset": nullable("integer"),
+        "hash_ok": {**nullable("boolean"), "description": "SHA-256 of the file matched the export's hash"},
         "format_version": {"type": "string"},
     },
     "required": ["export_id", "ready"],

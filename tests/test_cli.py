@@ -1,0 +1,201 @@
+"""The command line as a user meets it: start-up errors, lint, and the README's own commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from goatcounter_exports.goatcounter.local import LocalGoatCounter
+
+from .conftest import service_env
+from .support import ROOT, SCHEMA, SEED, SERVE, Service, clean_env, run_cli, running
+
+README = (ROOT / "README.md").read_text("utf-8")
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_serve_without_the_key_says_which_variable_in_one_line(tmp_path: Path) -> None:
+    run = run_cli(SERVE, clean_env(GOATCOUNTER_URL="http://127.0.0.1:1"))
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1
+    assert "GOATCOUNTER_API_KEY is not set" in run.stderr and "export GOATCOUNTER_API_KEY=" in run.stderr
+
+
+def test_serve_on_a_busy_port_says_so(goatcounter: LocalGoatCounter, tmp_path: Path, service: Service) -> None:
+    busy = service.rest.rsplit(":", 1)[1]
+    run = run_cli(["serve", "--rest-port", busy, "--mcp-port", "0"], service_env(goatcounter, tmp_path))
+    assert run.returncode == 2
+    assert f"127.0.0.1:{busy}" in run.stderr and "--rest-port" in run.stderr
+
+
+def test_lint_reports_the_seeds_schema_deviations_as_warnings_and_exits_0() -> None:
+    run = run_cli(["lint", str(SEED), "--schema", str(SCHEMA)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    warnings = [line for line in lines if ": warning: " in line]
+    # The three kinds of deviation: typed consumed inputs, a REST description, outputs without properties.
+    assert any("consumes[0].resources[0].operations[0].inputParameters[0]" in w and "'type'" in w for w in warnings)
+    assert any(
+        w.endswith("capability.exposes[0]: schema: not allowed by the schema: 'description' was unexpected")
+        for w in warnings
+    )
+    assert any("tools[2].outputParameters[0]" in w and "'properties' is a required property" in w for w in warnings)
+    assert all(re.search(r": line \d+, capability\.", w) for w in warnings)
+    assert lines[-1].endswith("0 error(s), 10 warning(s)")
+
+
+def test_lint_fails_a_broken_spec_with_every_error_and_its_path(tmp_path: Path) -> None:
+    broken = SEED.read_text("utf-8").replace("goatcounter-exports.getexport", "goatcounter-exports.gone")
+    download = "call: goatcounter-exports.downloadexport\n        with:\n          id: rest.id\n"
+    assert download in broken
+    broken = broken.replace(download, download.replace("rest.id", "tools.id"))
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(broken)
+    run = run_cli(["lint", str(spec), "--schema", str(SCHEMA)])
+    assert run.returncode == 1
+    errors = [line for line in run.stdout.splitlines() if ": error: " in line]
+    assert any("capability.exposes[0].resources[1].operations[0].call" in e and "does not resolve" in e for e in errors)
+    assert any("capability.exposes[1].tools[1].call" in e for e in errors)
+    assert any("resources[2].operations[0].with.id" in e and "tools adapter" in e for e in errors)
+
+
+def test_bundled_schema_is_the_official_one() -> None:
+    bundled = ROOT / "src" / "goatcounter_exports" / "spec" / "naftiko-schema-1.0.0-alpha2.json"
+    assert bundled.read_bytes() == SCHEMA.read_bytes()
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one() -> None:
+    first = README.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first.splitlines()]
+    assert commands == ["scripts/run", "scripts/test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^scripts/test\b", ci, flags=re.M)
+
+
+def interrupt(service: Service) -> str:
+    service.process.send_signal(signal.SIGINT)
+    service.process.wait(30)
+    if service.reader is None and service.process.stdout is not None:  # read by hand: collect the rest
+        service.lines.extend(service.process.stdout.read().splitlines())
+    return service.stop()
+
+
+def test_readme_run_command_serves_the_named_site(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
+    env = service_env(goatcounter, tmp_path, GOATCOUNTER_EXPORTS_REST_PORT="0", GOATCOUNTER_EXPORTS_MCP_PORT="0")
+    service = start_service_script(env)
+    try:
+        assert httpx.get(f"{service.rest}/v1/export/424242", timeout=30).json() == {"error": "not found"}
+    finally:
+        output = interrupt(service)
+    assert "demo" not in output and goatcounter.export_key not in output
+
+
+def start_service_script(env: dict[str, str]) -> Service:
+    process = subprocess.Popen(
+        ["scripts/run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    return attach(process)
+
+
+def attach(process: subprocess.Popen[str]) -> Service:
+    from .support import Service as ServiceType
+
+    service = ServiceType(process)
+    deadline = time.monotonic() + 180
+    assert process.stdout is not None
+    while time.monotonic() < deadline and not {"REST", "MCP"} <= set(service.urls):
+        line = process.stdout.readline()
+        if not line:
+            break
+        service.lines.append(line.rstrip("\n"))
+        match = re.match(r"^(REST|MCP)\s+(http://\S+)", line)
+        if match:
+            service.urls[match.group(1)] = match.group(2)
+    assert {"REST", "MCP"} <= set(service.urls), service.output()
+    return service
+
+
+def test_readme_run_without_a_site_starts_the_demo_and_its_curl_session_works(tmp_path: Path) -> None:
+    env = clean_env(GOATCOUNTER_EXPORTS_REST_PORT="0", GOATCOUNTER_EXPORTS_MCP_PORT="0")
+    service = start_service_script(env)
+    try:
+        assert service.process.stdout is not None
+        for _ in range(6):  # the demo's own lines after the URLs: site, key, and what to try
+            service.lines.append(service.process.stdout.readline().rstrip("\n"))
+        assert any(line.startswith("API key") for line in service.lines)
+        rest = service.rest
+        curls = [line for block in code_blocks("sh") for line in block.splitlines() if line.startswith("curl ")]
+        assert len(curls) == 5
+        outputs = []
+        for command in curls:
+            command = command.replace("http://127.0.0.1:8080", rest)
+            if "/v1/export/1" in command:
+                wait_until_finished(rest)
+            done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)  # noqa: S602
+            assert done.returncode == 0, done.stderr
+            outputs.append(done.stdout)
+        assert json.loads(outputs[0])["id"] == 1
+        assert json.loads(outputs[1])["finished_at"]
+        assert (tmp_path / "export.csv.gz").read_bytes()[:2] == b"\x1f\x8b"
+        assert outputs[3].startswith("2Path,Title,")
+        assert outputs[3].count("\n") == 301  # header + the demo's 300 pageviews
+        assert "/v1/export/{id}/download" in json.loads(outputs[4])["paths"]
+    finally:
+        output = interrupt(service)
+    assert "Press Ctrl-C" in output
+
+
+def wait_until_finished(rest: str) -> None:
+    for _ in range(100):
+        if httpx.get(f"{rest}/v1/export/1", timeout=30).json().get("finished_at"):
+            return
+        time.sleep(0.2)
+    raise AssertionError("demo export did not finish")
+
+
+def test_readme_mcp_configurations_work_as_written(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
+    import asyncio
+
+    from mcp import Client, StdioServerParameters
+
+    configs = [json.loads(block) for block in code_blocks("json")]
+    http_config, stdio_config = (c["mcpServers"]["goatcounter"] for c in configs)
+    assert http_config["url"] == "http://127.0.0.1:9090/mcp"
+    env = service_env(goatcounter, tmp_path)
+
+    async def names(client: Client) -> set[str]:
+        async with client:
+            tools = await client.list_tools()
+            info = await client.call_tool("get-export-info", {"id": 424242})
+            assert info.is_error and "not found" in info.content[0].text
+            return {t.name for t in tools.tools}
+
+    with running(SERVE, env) as service:
+        assert asyncio.run(names(Client(http_config["url"].replace("http://127.0.0.1:9090/mcp", service.mcp)))) == {
+            "create-csv-export",
+            "get-export-info",
+            "download-export",
+        }
+    stdio_env = {**clean_env(), **stdio_config["env"]}
+    stdio_env.update(GOATCOUNTER_URL=goatcounter.url, GOATCOUNTER_API_KEY=goatcounter.export_key)
+    params = StdioServerParameters(
+        command=str(ROOT / stdio_config["command"]), args=stdio_config["args"], env=stdio_env
+    )
+    assert len(asyncio.run(names(Client(params)))) == 3
+
+
+@pytest.mark.parametrize("command", [["serve", "--help"], ["mcp", "--help"], ["demo", "--help"], ["lint", "--help"]])
+def test_every_command_is_documented_in_the_readme(command: list[str]) -> None:
+    assert run_cli(command).returncode == 0
+    assert f"goatcounter-exports {command[0]}" in README
