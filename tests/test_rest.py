@@ -237,3 +237,21 @@ def service_env_without_bed(state: Path, key: str) -> dict[str, str]:
     from .support import clean_env
 
     return clean_env(GOATCOUNTER_API_KEY=key, GOATCOUNTER_EXPORTS_STATE_DIR=str(state))
+
+
+def test_openapi_document_is_valid_and_tells_the_truth(service: Service) -> None:
+    from openapi_spec_validator import validate
+
+    document = httpx.get(f"{service.rest}/openapi.json", timeout=30).json()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]) == {"/v1/export", "/v1/export/{id}", "/v1/export/{id}/download"}
+    download = document["paths"]["/v1/export/{id}/download"]["get"]
+    assert set(download["responses"]["200"]["content"]) == {"application/gzip", "text/csv"}
+    assert {"202", "400", "401", "403", "404", "429", "502", "504"} <= set(download["responses"])
+    (parameter,) = download["parameters"]
+    assert parameter["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+    create = document["paths"]["/v1/export"]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert body["additionalProperties"] is False and "start_from_hit_id" in body["properties"]
+    assert "Export" in document["components"]["schemas"] and "Error" in document["components"]["schemas"]
