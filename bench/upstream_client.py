@@ -65,7 +65,9 @@ POOL_SIZE = 100  # connections per client; more than wrk's connections, so no po
 KEEPALIVE_S = 15.0
 CLIENT_TIMEOUT_S = 30.0
 ALL_CLIENTS = ("aiohttp", "httpx", "httpx2")
-DIRECT = "direct"
+DIRECT = "direct"  # wrk straight at the upstream: the harness's ceiling
+STATIC = "static"  # the same Starlette/uvicorn proxy answering from memory, no client: the server's ceiling
+REFERENCES = (DIRECT, STATIC)
 REQUIRED_MODULES = ("starlette", "uvicorn", "aiohttp", "httpx")
 CHILD_START_TIMEOUT_S = 30.0
 CHILD_STOP_TIMEOUT_S = 10.0
@@ -343,7 +345,38 @@ class HttpxFamilyClient:
         await self._client.aclose()
 
 
-def make_client(name: str, default_limits: bool) -> UpstreamClient:
+class StaticClient:
+    """No client at all: the upstream's answers, byte for byte, from memory (the proxy server's own cost)."""
+
+    def __init__(self, big_mb: float) -> None:
+        self._small = make_small_body()
+        self._big = make_big_body(int(big_mb * 1_000_000))
+
+    async def get(self, url: str) -> tuple[int, str, bytes]:
+        return 200, "application/json", self._small
+
+    async def stream(self, url: str) -> Streamed:
+        repeat = 4 if url.endswith("/big4") else 1
+        view = memoryview(self._big)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(repeat):
+                for offset in range(0, len(view), CHUNK_SIZE):
+                    yield bytes(view[offset : offset + CHUNK_SIZE])
+
+        async def close() -> None:
+            return None
+
+        headers = {"content-type": "application/gzip", "content-length": str(repeat * len(view))}
+        return Streamed(200, headers, chunks(), close)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def make_client(name: str, default_limits: bool, big_mb: float) -> UpstreamClient:
+    if name == STATIC:
+        return StaticClient(big_mb)
     if name == "aiohttp":
         return AiohttpClient(default_limits)
     if name in ("httpx", "httpx2"):
@@ -351,7 +384,9 @@ def make_client(name: str, default_limits: bool) -> UpstreamClient:
     raise ValueError(f"unknown client {name!r}")
 
 
-def build_proxy_app(client_name: str, upstream: str, default_limits: bool, on_started: Callable[[], None]) -> Starlette:
+def build_proxy_app(
+    client_name: str, upstream: str, default_limits: bool, big_mb: float, on_started: Callable[[], None]
+) -> Starlette:
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
     from starlette.requests import Request
@@ -363,7 +398,7 @@ def build_proxy_app(client_name: str, upstream: str, default_limits: bool, on_st
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal client
-        client = make_client(client_name, default_limits)  # created inside the server's event loop
+        client = make_client(client_name, default_limits, big_mb)  # created inside the server's event loop
         on_started()
         try:
             yield
@@ -405,7 +440,7 @@ def serve_proxy(args: argparse.Namespace) -> None:
             }
         )
 
-    app = build_proxy_app(args.client, args.upstream, args.default_limits, on_started)
+    app = build_proxy_app(args.client, args.upstream, args.default_limits, args.big_mb, on_started)
     config = uvicorn.Config(
         app,
         loop=args.loop,
@@ -698,6 +733,7 @@ class Settings:
     big_count: int
     big_mb: float
     rounds: int
+    static: bool
     pin: bool
     default_limits: bool
     http: str
@@ -782,12 +818,12 @@ def median_of(values: Sequence[float]) -> float:
 
 
 def report(measurements: Sequence[Measurement], settings: Settings, server_info: Mapping[str, str]) -> str:
-    targets = [DIRECT, *settings.clients]
+    targets = [*REFERENCES, *settings.clients]
     by_target = {t: [m for m in measurements if m.target == t] for t in targets}
     by_target = {t: ms for t, ms in by_target.items() if ms}
     rps = {t: median_of([m.small.rps for m in ms]) for t, ms in by_target.items()}
     mbps = {t: median_of([m.big.mb_per_s for m in ms]) for t, ms in by_target.items()}
-    clients = [t for t in by_target if t != DIRECT]
+    clients = [t for t in by_target if t not in REFERENCES]
     best_rps = max((rps[t] for t in clients), default=0.0)
     best_mbps = max((mbps[t] for t in clients), default=0.0)
     direct_rps, direct_mbps = rps.get(DIRECT, 0.0), mbps.get(DIRECT, 0.0)
@@ -804,7 +840,7 @@ def report(measurements: Sequence[Measurement], settings: Settings, server_info:
         lines.append(
             f"| {target} | {rps[target]:,.0f} | {median_of([m.small.p50_ms for m in ms]):.2f}"
             f" | {median_of([m.small.p99_ms for m in ms]):.2f} | {sum(m.small.errors for m in ms)}"
-            f" | {fmt_ratio(rps[target], best_rps) if target != DIRECT else '-'}"
+            f" | {fmt_ratio(rps[target], best_rps) if target not in REFERENCES else '-'}"
             f" | {fmt_ratio(rps[target], direct_rps)} | {f'{median_of(cpu):.0f}' if cpu else '-'} |"
         )
     size = next(iter(by_target.values()))[0].big.size
@@ -834,7 +870,7 @@ def report(measurements: Sequence[Measurement], settings: Settings, server_info:
             rss = "- | - | - | -"
         lines.append(
             f"| {target} | {median_of([m.big.median_s for m in ms]):.3f} | {mbps[target]:,.0f}"
-            f" | {fmt_ratio(mbps[target], best_mbps) if target != DIRECT else '-'}"
+            f" | {fmt_ratio(mbps[target], best_mbps) if target not in REFERENCES else '-'}"
             f" | {fmt_ratio(mbps[target], direct_mbps)} | {rss} |"
         )
     lines.append("")
@@ -861,9 +897,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measurement (0-30)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (1-16)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (1-1000)")
-    parser.add_argument("--big-count", type=int, default=5, help="sequential /big downloads per target (1-50)")
+    parser.add_argument("--big-count", type=int, default=10, help="sequential /big downloads per target (1-50)")
     parser.add_argument("--big-mb", type=float, default=5.0, help="size of the /big gzip file in MB (0.1-100)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything, order rotated; medians (1-5)")
+    parser.add_argument(
+        "--no-static", dest="static", action="store_false", help="skip the reference proxy that answers from memory"
+    )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
     parser.add_argument(
         "--default-limits", action="store_true", help=f"use each client's default pool, not {POOL_SIZE} keep-alive"
@@ -912,6 +951,7 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         big_count=args.big_count,
         big_mb=args.big_mb,
         rounds=args.rounds,
+        static=args.static,
         pin=args.pin,
         default_limits=args.default_limits,
         http=args.http,
@@ -945,7 +985,7 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         lua.write_text(WRK_LUA)
         with running_child("upstream", ["_upstream", f"--big-mb={settings.big_mb}"], workdir) as upstream:
             base = f"http://{LOOPBACK}:{upstream.port}"
-            targets = [DIRECT, *settings.clients]
+            targets = [DIRECT, *([STATIC] if settings.static else []), *settings.clients]
             for round_no in range(settings.rounds):
                 shift = round_no % len(targets)
                 for target in targets[shift:] + targets[:shift]:
@@ -955,7 +995,8 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
                             measure(target, round_no, upstream.port, None, settings, lua, upstream.info)
                         )
                         continue
-                    argv = ["_proxy", f"--client={target}", f"--upstream={base}", f"--http={settings.http}"]
+                    argv = ["_proxy", f"--client={target}", f"--upstream={base}", f"--big-mb={settings.big_mb}"]
+                    argv += [f"--http={settings.http}"]
                     argv += [f"--loop={settings.loop}", *(["--default-limits"] if settings.default_limits else [])]
                     argv += [f"--cpu={proxy_cpu}"] if proxy_cpu is not None else []
                     with running_child(f"proxy-{target}", argv, workdir) as proxy:
@@ -985,7 +1026,8 @@ def child_main(role: str, argv: Sequence[str]) -> None:
         parser.add_argument("--big-mb", type=float, required=True)
         serve_upstream(parser.parse_args(argv))
     else:
-        parser.add_argument("--client", required=True, choices=ALL_CLIENTS)
+        parser.add_argument("--client", required=True, choices=(*ALL_CLIENTS, STATIC))
+        parser.add_argument("--big-mb", type=float, required=True)
         parser.add_argument("--upstream", required=True)
         parser.add_argument("--http", default="auto")
         parser.add_argument("--loop", default="auto")
