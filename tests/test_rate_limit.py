@@ -1,9 +1,11 @@
-"""GoatCounter's own rate limits, kept at their defaults (one export an hour), on a dedicated instance."""
+"""GoatCounter's own rate limits, kept at their defaults (one export an hour per IP), each test on a
+dedicated instance so the budget starts full."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,39 +14,82 @@ from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
 from mcp import Client
 
 from .conftest import service_env
-from .support import SERVE, Service, running
+from .support import SERVE, RecordingProxy, running
 
 
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGoatCounter, Service]]:
-    instance = LocalGoatCounter(find_binary(), tmp_path_factory.mktemp("limited"), ratelimit=None)
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[LocalGoatCounter]:
+    instance = LocalGoatCounter(find_binary(), tmp_path / "limited", ratelimit=None)
     with instance:
         instance.seed(["/a", "/b"])
-        with running(SERVE, service_env(instance, tmp_path_factory.mktemp("state"))) as service:
-            yield instance, service
+        yield instance
 
 
-def test_rest_passes_a_429_through_with_its_headers(limited: tuple[LocalGoatCounter, Service]) -> None:
-    _, service = limited
-    first = httpx.post(f"{service.rest}/v1/export", json={}, timeout=30)
+def spend_the_hour(goatcounter: LocalGoatCounter) -> None:
+    """One create straight to GoatCounter, as another tool behind the same IP would."""
+    answer = goatcounter.request("POST", "/api/v0/export", key=goatcounter.export_key, body={})
+    assert answer.status == 202
+
+
+def test_second_create_within_the_hour_is_answered_locally_with_the_recent_export(
+    limited: LocalGoatCounter, tmp_path: Path
+) -> None:
+    with RecordingProxy(limited.url) as proxy:
+        env = service_env(limited, tmp_path, GOATCOUNTER_URL=proxy.url)
+        with running(SERVE, env) as service:
+            first = httpx.post(f"{service.rest}/v1/export", json={}, timeout=30)
+            second = httpx.post(f"{service.rest}/v1/export", json={"start_from_hit_id": 1}, timeout=30)
     assert first.status_code == 202
-    assert first.headers["x-rate-limit-limit"] == "1"
-    second = httpx.post(f"{service.rest}/v1/export", json={}, timeout=30)
+    assert first.headers["x-rate-limit-limit"] == "1"  # learnt from GoatCounter, not assumed
     assert second.status_code == 429
     assert 3500 <= int(second.headers["retry-after"]) <= 3600
-    assert second.headers["x-rate-limit-remaining"] == "0"
-    assert "rate limit" in second.json()["error"]
+    assert second.json()["recent_export_id"] == first.json()["id"]
+    assert proxy.paths("POST") == ["/api/v0/export"]
 
 
-def test_mcp_429_is_an_error_that_says_how_long_to_wait(limited: tuple[LocalGoatCounter, Service]) -> None:
-    _, service = limited
+def test_budget_is_shared_by_rest_mcp_and_processes_through_the_state_store(
+    limited: LocalGoatCounter, tmp_path: Path
+) -> None:
+    with RecordingProxy(limited.url) as proxy:
+        env = service_env(limited, tmp_path, GOATCOUNTER_URL=proxy.url)
+        with running(SERVE, env) as service:
+            assert httpx.post(f"{service.rest}/v1/export", json={}, timeout=30).status_code == 202
+        # A new process with the same state directory knows the budget is spent, through MCP too.
+        with running(SERVE, env) as service:
+            result = call_tool(service.mcp, "create-csv-export", {})
+    assert result.is_error  # type: ignore[attr-defined]
+    text = result.content[0].text  # type: ignore[attr-defined]
+    assert "429" in text and "wait" in text
+    assert proxy.paths("POST") == ["/api/v0/export"]
 
-    async def scenario() -> str:
-        async with Client(service.mcp) as client:
-            await client.call_tool("create-csv-export", {})  # spends the hour, if the REST test did not
-            result = await client.call_tool("create-csv-export", {})
-            assert result.is_error
-            return str(result.content[0].text)
 
-    text = asyncio.run(scenario())
+def test_rest_passes_goatcounters_own_429_through_with_its_headers(limited: LocalGoatCounter, tmp_path: Path) -> None:
+    spend_the_hour(limited)
+    with RecordingProxy(limited.url) as proxy:
+        env = service_env(limited, tmp_path, GOATCOUNTER_URL=proxy.url)
+        with running(SERVE, env) as service:
+            refused = httpx.post(f"{service.rest}/v1/export", json={}, timeout=30)
+            again = httpx.post(f"{service.rest}/v1/export", json={}, timeout=30)
+    assert refused.status_code == 429
+    assert 3500 <= int(refused.headers["retry-after"]) <= 3600
+    assert refused.headers["x-rate-limit-remaining"] == "0"
+    assert "rate limit" in refused.json()["error"]
+    assert again.status_code == 429  # now answered locally: the refusal taught us the budget
+    assert proxy.paths("POST") == ["/api/v0/export"]
+
+
+def call_tool(url: str, name: str, arguments: dict[str, object]) -> object:
+    async def scenario() -> object:
+        async with Client(url) as client:
+            return await client.call_tool(name, arguments)
+
+    return asyncio.run(scenario())
+
+
+def test_mcp_429_is_an_error_that_says_how_long_to_wait(limited: LocalGoatCounter, tmp_path: Path) -> None:
+    spend_the_hour(limited)
+    with running(SERVE, service_env(limited, tmp_path)) as service:
+        result = call_tool(service.mcp, "create-csv-export", {})
+    assert result.is_error  # type: ignore[attr-defined]
+    text = result.content[0].text  # type: ignore[attr-defined]
     assert "429" in text and "wait 3" in text and "seconds" in text

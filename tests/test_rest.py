@@ -255,3 +255,16 @@ def test_openapi_document_is_valid_and_tells_the_truth(service: Service) -> None
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert body["additionalProperties"] is False and "start_from_hit_id" in body["properties"]
     assert "Export" in document["components"]["schemas"] and "Error" in document["components"]["schemas"]
+
+
+def test_idempotency_key_gives_the_same_export_not_a_second_one(service: Service) -> None:
+    with httpx.Client(timeout=30) as client:
+        key = {"Idempotency-Key": "nightly-2026-11-26"}
+        first = client.post(f"{service.rest}/v1/export", json={}, headers=key)
+        retry = client.post(f"{service.rest}/v1/export", json={}, headers=key)
+        other = client.post(f"{service.rest}/v1/export", json={}, headers={"Idempotency-Key": "another"})
+    assert first.status_code == retry.status_code == other.status_code == 202
+    assert retry.json()["id"] == first.json()["id"]
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert other.json()["id"] != first.json()["id"]

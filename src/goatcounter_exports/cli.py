@@ -49,7 +49,7 @@ def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def build_runtime(spec: Spec, settings: Settings) -> Runtime:
-    return Runtime(spec, settings, extensions=[GoatCounterProfile()])
+    return Runtime(spec, settings, extensions=[GoatCounterProfile.for_settings(settings)])
 
 
 spec_option = click.option("--spec", "spec_path", type=click.Path(dir_okay=False), help="Capability document to serve.")

@@ -53,7 +53,7 @@ def run_demo(spec: Spec, settings: Settings, announce: Callable[[str], None], pa
                 "GOATCOUNTER_API_KEY": goatcounter.export_key,
             }
             demo_settings = Settings(**{**settings.__dict__, "environ": environ})
-            runtime = Runtime(spec, demo_settings, extensions=[GoatCounterProfile()])
+            runtime = Runtime(spec, demo_settings, extensions=[GoatCounterProfile.for_settings(demo_settings)])
 
             def explain(found: list[Listener]) -> None:
                 rest = next((f.url.rstrip("/") for f in found if f.name == "REST"), "http://127.0.0.1:8080")

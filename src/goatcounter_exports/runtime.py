@@ -13,6 +13,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
@@ -32,6 +33,23 @@ if TYPE_CHECKING:
 JSON_TYPES = {"string", "number", "integer", "boolean", "array", "object"}
 
 
+@dataclass(frozen=True)
+class CallContext:
+    """What an adapter knows about a call beyond its inputs."""
+
+    idempotency_key: str | None = None
+
+
+class Answered(Exception):
+    """Raised by an extension's `prepare` to answer a call itself (a local 429, an idempotent replay)."""
+
+    def __init__(self, status: int, document: Any, headers: Mapping[str, str] | None = None) -> None:
+        self.status = status
+        self.document = document
+        self.headers = dict(headers or {})
+        super().__init__(status)
+
+
 class Extension(Protocol):
     """API-specific knowledge plugged into the generic runtime (see goatcounter.profile)."""
 
@@ -41,8 +59,21 @@ class Extension(Protocol):
     def input_schema(self, binding: Binding, adapter_input: AdapterInput) -> dict[str, Any] | None:
         """Extra JSON Schema for one input (ranges, body fields), or None."""
 
-    async def prepare(self, runtime: Runtime, target: Target, request: UpstreamRequest) -> UpstreamRequest:
-        """Adjust a request just before it is sent (may ask the upstream first, e.g. its version)."""
+    async def prepare(
+        self, runtime: Runtime, target: Target, request: UpstreamRequest, context: CallContext
+    ) -> UpstreamRequest:
+        """Adjust a request just before it is sent (may ask the upstream first, e.g. its version).
+        Raise `Answered` to answer the call here instead of sending it."""
+
+    async def observe(
+        self,
+        runtime: Runtime,
+        target: Target,
+        request: UpstreamRequest,
+        response: UpstreamResponse,
+        context: CallContext,
+    ) -> None:
+        """Look at an upstream answer before the adapter gets it (e.g. to record rate-limit headers)."""
 
     def openapi_responses(self, binding: Binding) -> dict[str, Any] | None:
         """OpenAPI responses this API really gives for a binding (status -> response object)."""
@@ -198,20 +229,36 @@ class Runtime:
 
     @asynccontextmanager
     async def call(
-        self, binding: Binding, raw: Mapping[str, Any], *, from_strings: bool = False
+        self,
+        binding: Binding,
+        raw: Mapping[str, Any],
+        *,
+        from_strings: bool = False,
+        context: CallContext = CallContext(),
     ) -> AsyncIterator[UpstreamResponse]:
         """Validate, build, prepare and send; yield the upstream response with its body unread."""
         inputs = self.validate(binding, raw, from_strings=from_strings)
-        async with self.call_target(binding.target, self.resolve_with(binding, inputs)) as response:
+        async with self.call_target(binding.target, self.resolve_with(binding, inputs), context) as response:
             yield response
 
     @asynccontextmanager
-    async def call_target(self, target: Target, values: Mapping[str, Any]) -> AsyncIterator[UpstreamResponse]:
+    async def call_target(
+        self,
+        target: Target,
+        values: Mapping[str, Any],
+        context: CallContext = CallContext(),
+    ) -> AsyncIterator[UpstreamResponse]:
         """Call a consumed operation with its own input values (extensions' workflows use this)."""
         request = self.build_request(target, values)
-        for extension in self.extensions:
-            request = await extension.prepare(self, target, request)
+        try:
+            for extension in self.extensions:
+                request = await extension.prepare(self, target, request, context)
+        except Answered as answer:
+            yield UpstreamResponse.local(answer.status, answer.document, answer.headers, request.host)
+            return
         async with self.client.stream(request) as response:
+            for extension in self.extensions:
+                await extension.observe(self, target, request, response, context)
             yield response
 
     def map_output(self, outputs: Sequence[OutputParameter], document: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict
 
 from . import __version__
 from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
@@ -54,21 +54,38 @@ def host_of(url: str) -> str:
 
 
 class UpstreamResponse:
-    """A response whose body has not been read yet. Only valid inside `UpstreamClient.stream`."""
+    """A response whose body may not have been read yet. Only valid inside `UpstreamClient.stream`.
 
-    def __init__(self, raw: aiohttp.ClientResponse, host: str) -> None:
-        self._raw = raw
+    `read()` keeps what it read, so an extension can look at a small answer and the adapter
+    can still read or stream it afterwards.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        host: str,
+        *,
+        raw: aiohttp.ClientResponse | None = None,
+        body: bytes | None = None,
+        reason: str = "",
+    ) -> None:
+        self.status = status
+        self.headers: CIMultiDict[str] = CIMultiDict(headers)
         self.host = host
-        self.status: int = raw.status
-        self.headers: CIMultiDictProxy[str] = raw.headers
+        self.reason = reason
+        self._raw = raw
+        self._body = body
+
+    @classmethod
+    def local(cls, status: int, document: Any, headers: Mapping[str, str], host: str) -> UpstreamResponse:
+        """An answer made here rather than upstream (an extension answered the call itself)."""
+        body = json.dumps(document, separators=(",", ":")).encode()
+        return cls(status, {**headers, "Content-Type": "application/json"}, host, body=body)
 
     @property
     def content_type(self) -> str:
-        return self._raw.content_type.lower()
-
-    @property
-    def reason(self) -> str:
-        return self._raw.reason or ""
+        return self.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
     @property
     def is_json(self) -> bool:
@@ -81,17 +98,23 @@ class UpstreamResponse:
         return self.is_json or self.content_type.startswith("text/") or not self.content_type
 
     async def chunks(self, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+        if self._body is not None or self._raw is None:
+            if self._body:
+                yield self._body
+            return
         with translate_errors(self.host):
             async for chunk in self._raw.content.iter_chunked(size):
                 yield chunk
 
     async def read(self, limit: int = MAX_BUFFERED_BYTES) -> bytes:
-        buffer = bytearray()
-        async for chunk in self.chunks():
-            buffer += chunk
-            if len(buffer) > limit:
-                raise UpstreamProtocolError(f"answer from {self.host} is larger than {limit} bytes", host=self.host)
-        return bytes(buffer)
+        if self._body is None:
+            buffer = bytearray()
+            async for chunk in self.chunks():
+                buffer += chunk
+                if len(buffer) > limit:
+                    raise UpstreamProtocolError(f"answer from {self.host} is larger than {limit} bytes", host=self.host)
+            self._body = bytes(buffer)
+        return self._body
 
     async def json(self, limit: int = MAX_BUFFERED_BYTES) -> Any:
         """The body as JSON; raises UpstreamProtocolError when it is not JSON."""
@@ -203,7 +226,7 @@ class UpstreamClient:
                 await asyncio.sleep(delays[attempt])
                 attempt += 1
         try:
-            yield UpstreamResponse(raw, request.host)
+            yield UpstreamResponse(raw.status, raw.headers, request.host, raw=raw, reason=raw.reason or "")
         finally:
             raw.release()
 

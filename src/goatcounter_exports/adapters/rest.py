@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ConfigError, InputError, UpstreamError
-from ..runtime import Runtime
+from ..runtime import CallContext, Runtime
 from ..spec.resolve import Binding
 from ..upstream import NOT_JSON, UpstreamResponse, parse_json
 from .openapi import openapi_document
@@ -36,6 +36,7 @@ PASSTHROUGH_HEADERS = (
     "Content-Disposition",
     "Last-Modified",
     "ETag",
+    "Idempotent-Replayed",
 )
 GZIP_TYPES = ("application/gzip", "application/x-gzip")
 
@@ -112,7 +113,8 @@ async def forward(request: Request, runtime: Runtime, binding: Binding, stack: A
             value = await read_json_body(request, runtime.settings.max_body_bytes)
             if value is not None:
                 raw[item.name] = value
-    response = await stack.enter_async_context(runtime.call(binding, raw, from_strings=True))
+    context = CallContext(idempotency_key=request.headers.get("idempotency-key"))
+    response = await stack.enter_async_context(runtime.call(binding, raw, from_strings=True, context=context))
     headers = passthrough_headers(response)
     success = 200 <= response.status < 300
     if response.is_textual or not success:

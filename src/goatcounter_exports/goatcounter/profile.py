@@ -20,15 +20,18 @@ from ..outcome import Outcome, ToolSchema
 from ..settings import Settings, check_url
 from ..spec.models import Consumes
 from ..spec.resolve import AdapterInput, Binding, Target
-from ..upstream import UpstreamRequest
+from ..upstream import UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..runtime import CallContext, Runtime
 
 from . import tools
+from .budget import ExportBudget
+from .state import StateStore
 from .versions import API_PATH, CreateBodyStyle
 
 INT32_MAX = 2**31 - 1
+STATE_FILE = "state.sqlite3"
 SITE_URL_VARIABLE = "GOATCOUNTER_URL"
 
 CREATE_BODY_SCHEMA: dict[str, Any] = {
@@ -72,8 +75,13 @@ def site_api_url(site_url: str, variable: str = SITE_URL_VARIABLE) -> str:
 
 
 class GoatCounterProfile:
-    def __init__(self) -> None:
+    def __init__(self, state: StateStore | None = None) -> None:
         self.create_body = CreateBodyStyle()
+        self.budget = ExportBudget(state) if state is not None else None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> GoatCounterProfile:
+        return cls(StateStore(settings.state_dir / STATE_FILE))
 
     def base_uri(self, consumes: Consumes, settings: Settings) -> str | None:
         if not is_goatcounter(consumes) or settings.base_uri_override(consumes.namespace):
@@ -90,19 +98,33 @@ class GoatCounterProfile:
             return CREATE_BODY_SCHEMA
         return None
 
-    async def prepare(self, runtime: Runtime, target: Target, request: UpstreamRequest) -> UpstreamRequest:
+    async def prepare(
+        self, runtime: Runtime, target: Target, request: UpstreamRequest, context: CallContext
+    ) -> UpstreamRequest:
         if not is_goatcounter(target.consumes):
             return request
         # GoatCounter answers errors in JSON only to requests that say they are JSON, GETs included.
         headers = {**request.headers, "Content-Type": "application/json"}
         if not is_create_export(target):
             return replace(request, headers=headers)
+        api_uri = runtime.base_uri(target.consumes.namespace)
         body = json.loads(request.body) if request.body else {}
-        version, takes_format = await self.create_body.learn(
-            runtime.client.fetch_json, runtime.base_uri(target.consumes.namespace)
-        )
+        if self.budget is not None:
+            await self.budget.before_create(runtime, target, api_uri, context)
+        version, takes_format = await self.create_body.learn(runtime.client.fetch_json, api_uri)
         body = adapt_create_body(body, version, takes_format)
         return replace(request, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers)
+
+    async def observe(
+        self,
+        runtime: Runtime,
+        target: Target,
+        request: UpstreamRequest,
+        response: UpstreamResponse,
+        context: CallContext,
+    ) -> None:
+        if self.budget is not None and is_goatcounter(target.consumes) and is_create_export(target):
+            await self.budget.after_create(runtime.base_uri(target.consumes.namespace), request, response, context)
 
     def openapi_responses(self, binding: Binding) -> dict[str, Any] | None:
         return openapi_responses(binding)
