@@ -20,7 +20,8 @@ from mcp import Client, StdioServerParameters
 from .conftest import SEEDED_PATHS, service_env
 from .support import SERVE, RecordingProxy, Service, running
 
-EXPECTED_TOOLS = {"create-csv-export", "get-export-info", "download-export"}
+SEED_TOOLS = {"create-csv-export", "get-export-info", "download-export"}
+EXPECTED_TOOLS = {*SEED_TOOLS, "export-pageviews", "pageview-stats"}
 INIT = {
     "jsonrpc": "2.0",
     "id": 1,
@@ -80,8 +81,10 @@ def check_tools(tools: list[Any]) -> None:
     assert create.input_schema["properties"]["start_from_hit_id"]["type"] == "integer"
     assert "body" in create.input_schema["properties"]
     assert create.annotations.read_only_hint is False and create.annotations.destructive_hint is False
-    assert all(tool.annotations.open_world_hint is True for tool in tools)
+    assert all(by_name[name].annotations.open_world_hint is True for name in SEED_TOOLS)
     assert all(tool.output_schema and tool.description for tool in tools)
+    assert by_name["pageview-stats"].annotations.read_only_hint is True
+    assert by_name["pageview-stats"].annotations.open_world_hint is False  # local data only
     assert set(by_name["download-export"].input_schema["properties"]) == {"id", "offset", "limit"}
 
 

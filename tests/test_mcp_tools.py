@@ -55,7 +55,13 @@ def test_inspector_lists_the_tools_cleanly_in_strict_mode(service: Service, tmp_
     assert run.returncode == 0, run.stderr
     assert "Warning" not in run.stderr, run.stderr
     tools = {tool["name"]: tool for tool in json.loads(run.stdout)["result"]["tools"]}
-    assert set(tools) == {"create-csv-export", "get-export-info", "download-export"}
+    assert set(tools) == {
+        "create-csv-export",
+        "get-export-info",
+        "download-export",
+        "export-pageviews",
+        "pageview-stats",
+    }
     assert tools["get-export-info"]["annotations"]["readOnlyHint"] is True
 
 

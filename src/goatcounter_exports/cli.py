@@ -21,6 +21,10 @@ from .spec import Spec, load_default, load_path
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # also click's code for bad flags
+EXIT_RATE_LIMITED = 3
+EXIT_UPSTREAM = 4
+EXIT_TIMEOUT = 5
+EXIT_INTEGRITY = 6
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -137,6 +141,107 @@ def demo(spec_path: str | None, host: str, rest_port: int | None, mcp_port: int 
         guarded(lambda: run_demo(spec, settings, click.echo, pageviews))
     except LocalGoatCounterError as exc:
         fail(str(exc), EXIT_FAILURE)
+
+
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds to wait for the export."
+)
+
+
+@main.command()
+@spec_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@click.option("--since-hit-id", type=click.IntRange(0), default=0, help="Only pageviews after this hit id.")
+@click.option("--gzip", "keep_gzip", is_flag=True, help="Keep GoatCounter's .csv.gz as it is.")
+@timeout_option
+def export(spec_path: str | None, output: Path | None, since_hit_id: int, keep_gzip: bool, timeout: float) -> None:
+    """Create (or reuse) an export, wait for it, download it, verify it, and write it atomically."""
+    from .goatcounter.workflow import write_atomically
+
+    runtime, job, report = workflow_parts(spec_path)
+
+    async def run() -> None:
+        async with runtime:
+            export, reused = await job.create_or_reuse(since_hit_id)
+            report.line(f"{'Reusing' if reused else 'Created'} export {export['id']} (hits after {since_hit_id})")
+            with report.live():
+                export = await job.wait(export, timeout)
+                target = output or Path(f"goatcounter-export-{export['id']}.csv" + (".gz" if keep_gzip else ""))
+                await write_atomically(job.file_chunks(export), target, decompress=not keep_gzip)
+            report.line(
+                f"Wrote {target}: {export['num_rows']} rows, SHA-256 verified. "
+                f"Next: --since-hit-id {export['last_hit_id']}"
+            )
+
+    run_workflow(run)
+
+
+@main.command()
+@spec_option
+@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="SQLite database to fill.")
+@timeout_option
+def sync(spec_path: str | None, database: Path | None, timeout: float) -> None:
+    """Copy new pageviews into a local SQLite database; run again and again, e.g. from cron."""
+    from .goatcounter.sync import sync as run_sync
+
+    runtime, job, report = workflow_parts(spec_path)
+    target = database or runtime.settings.database
+
+    async def run() -> None:
+        async with runtime:
+            with report.live():
+                result = await run_sync(job, target, wait_seconds=timeout, environ=runtime.settings.environ)
+        how = "reused" if result.reused else "new"
+        report.line(
+            f"Synced {result.rows_added} pageviews ({how} export {result.export_id}, hits "
+            f"{result.cursor_before} < id <= {result.cursor_after}) into {target}: {result.total_rows} in all."
+        )
+
+    run_workflow(run)
+
+
+def workflow_parts(spec_path: str | None) -> tuple[Runtime, Any, Any]:
+    from .goatcounter.profile import STATE_FILE
+    from .goatcounter.state import StateStore
+    from .goatcounter.workflow import ExportJob
+    from .progress import reporter
+
+    spec = load_spec(spec_path)
+    settings = make_settings()
+    runtime = build_runtime(spec, settings)
+    guarded(lambda: runtime.check_bound_variables())
+    report = reporter()
+    try:
+        job = ExportJob.for_runtime(runtime, StateStore(settings.state_dir / STATE_FILE), report)
+    except SpecError as exc:
+        fail(str(exc))
+    return runtime, job, report
+
+
+def run_workflow(run: Callable[[], Any]) -> None:
+    """Run an export workflow; map its failures to the documented exit codes."""
+    from .errors import ApiError, ExportError, UpstreamError
+    from .goatcounter.workflow import IntegrityError, WaitTimeout
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", 130)
+    except ApiError as exc:
+        if exc.status == 429:
+            wait = f" Try again in {exc.retry_after:.0f} seconds." if exc.retry_after else ""
+            fail(f"rate limited: {exc.message}.{wait}", EXIT_RATE_LIMITED)
+        fail(f"GoatCounter answered {exc.status}: {exc.message}", EXIT_UPSTREAM)
+    except UpstreamError as exc:
+        fail(str(exc), EXIT_UPSTREAM)
+    except WaitTimeout as exc:
+        fail(str(exc), EXIT_TIMEOUT)
+    except IntegrityError as exc:
+        fail(f"integrity check failed: {exc}; nothing was written", EXIT_INTEGRITY)
+    except ExportError as exc:
+        fail(str(exc), EXIT_UPSTREAM)
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -7,6 +7,7 @@ GoatCounter profile) can produce richer outcomes for the operations they know.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,3 +73,20 @@ async def generic_outcome(runtime: Runtime, binding: Binding, inputs: dict[str, 
     if len(text) > MAX_TEXT_CHARS:
         text = text[:MAX_TEXT_CHARS] + "\n... (truncated)"
     return Outcome(text, mapped if isinstance(mapped, dict) else {"result": mapped})
+
+
+Report = Callable[[float, float | None, str | None], Awaitable[None]]  # (progress, total, message)
+
+
+@dataclass(frozen=True)
+class ExtraTool:
+    """A tool an extension adds beside the spec's own (a workflow, a question over local data)."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None
+    read_only: bool
+    idempotent: bool
+    open_world: bool
+    run: Callable[[dict[str, Any], Report], Awaitable[Outcome]]

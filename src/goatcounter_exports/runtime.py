@@ -28,7 +28,7 @@ from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 
 if TYPE_CHECKING:
     from .errors import ApiError
-    from .outcome import Outcome, ToolSchema
+    from .outcome import ExtraTool, Outcome, ToolSchema
 
 JSON_TYPES = {"string", "number", "integer", "boolean", "array", "object"}
 
@@ -89,8 +89,11 @@ class Extension(Protocol):
     ) -> Outcome | None:
         """Run a tool call this extension knows better than the generic runtime, or None to leave it."""
 
-    def explain_error(self, binding: Binding, error: ApiError) -> str | None:
+    def explain_error(self, consumes: Consumes, error: ApiError) -> str | None:
         """The upstream's error message plus what to do about it, for a model or a person."""
+
+    def extra_tools(self, runtime: Runtime) -> list[ExtraTool]:
+        """Tools this extension adds beside the spec's (workflows, questions over local data)."""
 
 
 class Runtime:

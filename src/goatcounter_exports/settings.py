@@ -49,6 +49,11 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     allowed_hosts: tuple[str, ...] = ()
     state_dir: Path = Path(".")
+    database_path: Path | None = None  # the synced pageviews; default: in state_dir
+
+    @property
+    def database(self) -> Path:
+        return self.database_path or self.state_dir / "pageviews.sqlite3"
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -70,6 +75,8 @@ class Settings:
                     values[name] = convert(env[variable])
                 except ValueError:
                     raise ConfigError(f"{variable} must be a number, got {env[variable]!r}") from None
+        if env.get("GOATCOUNTER_EXPORTS_DB"):
+            values["database_path"] = Path(env["GOATCOUNTER_EXPORTS_DB"])
         if env.get("GOATCOUNTER_EXPORTS_ALLOWED_HOSTS"):
             values["allowed_hosts"] = tuple(h.strip() for h in env["GOATCOUNTER_EXPORTS_ALLOWED_HOSTS"].split(","))
         values.update({k: v for k, v in overrides.items() if v is not None})

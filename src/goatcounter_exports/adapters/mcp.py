@@ -15,14 +15,19 @@ import jsonschema
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 
 from .. import __version__
-from ..errors import ApiError, ConfigError, ExportError, InputError, UpstreamError
-from ..outcome import Outcome, ToolSchema, generic_outcome
+from ..errors import ApiError, ConfigError, ExportError, InputError, SpecError, UpstreamError
+from ..outcome import ExtraTool, Outcome, Report, ToolSchema, generic_outcome
 from ..runtime import Runtime
 from ..spec.resolve import Binding
 
 log = logging.getLogger(__name__)
+
+
+async def _no_report(progress: float, total: float | None, message: str | None) -> None:
+    return None
 
 
 class ToolSet:
@@ -36,6 +41,10 @@ class ToolSet:
         self.bindings = {b.name: b for b in bindings}
         self.extras = {b.name: self._extension_schema(b) for b in bindings}
         self.tools = [self._tool(b) for b in bindings]
+        self.extra = {
+            t.name: t for e in runtime.extensions for t in e.extra_tools(runtime) if t.name not in self.bindings
+        }
+        self.tools += [self._extra_tool(t) for t in self.extra.values()]
         self.input_schemas = {t.name: t.input_schema for t in self.tools}
 
     def _extension_schema(self, binding: Binding) -> ToolSchema:
@@ -75,13 +84,31 @@ class ToolSet:
             ),
         )
 
-    def split_arguments(self, binding: Binding, arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Tool arguments -> (runtime inputs, extension extras). Raises InputError."""
-        schema = self.input_schemas[binding.name]
-        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(arguments))
+    def _extra_tool(self, tool: ExtraTool) -> types.Tool:
+        return types.Tool(
+            name=tool.name,
+            description=tool.description,
+            input_schema=tool.input_schema,
+            output_schema=tool.output_schema,
+            annotations=types.ToolAnnotations(
+                read_only_hint=tool.read_only,
+                destructive_hint=False,
+                idempotent_hint=tool.idempotent,
+                open_world_hint=tool.open_world,
+            ),
+        )
+
+    def check(self, name: str, arguments: dict[str, Any]) -> None:
+        """Arguments against the tool's published input schema. Raises InputError."""
+        validator = jsonschema.Draft202012Validator(self.input_schemas[name])
+        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path)
             raise InputError(f"{where + ': ' if where else ''}{error.message}", field=where or None)
+
+    def split_arguments(self, binding: Binding, arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Tool arguments -> (runtime inputs, extension extras). Raises InputError."""
+        self.check(binding.name, arguments)
         extras_names = set(self.extras[binding.name].extra_properties)
         extras = {k: v for k, v in arguments.items() if k in extras_names}
         inputs: dict[str, Any] = {}
@@ -101,11 +128,15 @@ class ToolSet:
                     inputs[item.name] = body
         return inputs, extras
 
-    async def call(self, name: str, arguments: dict[str, Any]) -> Outcome:
+    async def call(self, name: str, arguments: dict[str, Any], report: Report = _no_report) -> Outcome:
         binding = self.bindings.get(name)
-        if binding is None:
-            return Outcome(f"Unknown tool {name!r}. Available: {', '.join(self.bindings)}.", is_error=True)
+        if binding is None and name not in self.extra:
+            known = ", ".join([*self.bindings, *self.extra])
+            return Outcome(f"Unknown tool {name!r}. Available: {known}.", is_error=True)
         try:
+            if binding is None:
+                self.check(name, arguments)
+                return await self.extra[name].run(arguments, report)
             inputs, extras = self.split_arguments(binding, arguments)
             for extension in self.runtime.extensions:
                 outcome = await extension.run_tool(self.runtime, binding, inputs, extras)
@@ -116,13 +147,16 @@ class ToolSet:
             return Outcome(f"Invalid arguments: {exc}. Nothing was sent to the upstream.", is_error=True)
         except ApiError as exc:
             return Outcome(self._advice(binding, exc), is_error=True)
+        except SpecError as exc:
+            return Outcome(str(exc), is_error=True)
         except (UpstreamError, ExportError, ConfigError) as exc:
             log.warning("tool %s failed: %s", name, exc)
             return Outcome(str(exc), is_error=True)
 
-    def _advice(self, binding: Binding, error: ApiError) -> str:
+    def _advice(self, binding: Binding | None, error: ApiError) -> str:
+        consumes = binding.target.consumes if binding else self.runtime.spec.capability.consumes[0]
         for extension in self.runtime.extensions:
-            text = extension.explain_error(binding, error)
+            text = extension.explain_error(consumes, error)
             if text:
                 return text
         return f"The upstream answered {error.status}: {error.message}"
@@ -151,7 +185,15 @@ def create_mcp_server(runtime: Runtime, namespace: str | None = None) -> Server[
         return types.ListToolsResult(tools=toolset.tools)
 
     async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
-        return to_result(await toolset.call(params.name, dict(params.arguments or {})))
+        token = progress_token_from_params(ctx.params)
+
+        async def report(progress: float, total: float | None, message: str | None) -> None:
+            if token is not None:
+                await ctx.session.send_progress_notification(
+                    token, progress, total, message, related_request_id=str(ctx.request_id)
+                )
+
+        return to_result(await toolset.call(params.name, dict(params.arguments or {}), report))
 
     # The spec declares no MCP resources or prompts; answering their lists (empty) rather than
     # "method not found" lets generic clients probe every list without an error.

@@ -374,7 +374,7 @@ class LocalGoatCounter:
             create_as = vhost if "." in vhost else f"{vhost}.goatcounter-exports.test"
             self._run(
                 "db", "create", "site", "-createdb", "-db", self._db_flag(), "-vhost", create_as,
-                "-user.email", email, "-user.password", self._password(vhost),
+                "-user.email", email, f"-user.password={self._password(vhost)}",
             )  # fmt: skip
             if create_as != vhost:
                 with self._connect(readonly=False) as conn, conn:
@@ -398,7 +398,8 @@ class LocalGoatCounter:
         pwfile = self.workdir / f".password-{vhost}"
         if not pwfile.exists():
             pwfile.touch(mode=0o600)
-            pwfile.write_text(secrets.token_urlsafe(18))
+            # Letters and digits only: a leading "-" would be read as a flag.
+            pwfile.write_text(secrets.token_hex(16))
         return pwfile.read_text().strip()
 
     def _load_site(self, vhost: str) -> LocalSite:

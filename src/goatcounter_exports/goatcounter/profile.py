@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import ApiError, InputError
-from ..outcome import Outcome, ToolSchema
+from ..outcome import ExtraTool, Outcome, ToolSchema
 from ..settings import Settings, check_url
 from ..spec.models import Consumes
 from ..spec.resolve import AdapterInput, Binding, Target
@@ -144,8 +144,15 @@ class GoatCounterProfile:
             return None
         return await tools.run_tool(runtime, binding, inputs, extras)
 
-    def explain_error(self, binding: Binding, error: ApiError) -> str | None:
-        if not is_goatcounter(binding.target.consumes):
+    def extra_tools(self, runtime: Runtime) -> list[ExtraTool]:
+        if not any(is_goatcounter(c) for c in runtime.spec.capability.consumes):
+            return []
+        from .agent_tools import extra_tools
+
+        return extra_tools(runtime, self.budget.state if self.budget else None)
+
+    def explain_error(self, consumes: Consumes, error: ApiError) -> str | None:
+        if not is_goatcounter(consumes):
             return None
         return tools.explain_error(error)
 

@@ -1,0 +1,61 @@
+"""Progress for the CLI: a rich progress bar on a terminal, plain lines otherwise (cron, CI, pipes)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+PLAIN_EVERY = 2.0  # seconds between plain progress lines
+
+
+class Reporter:
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._bar: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._last_line = 0.0
+        self._last_stage = ""
+
+    def line(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    async def __call__(self, stage: str, done: float, total: float | None) -> None:
+        if self._bar is not None:
+            if stage not in self._tasks:
+                label = "Waiting for GoatCounter" if stage == "waiting" else "Downloading"
+                self._tasks[stage] = self._bar.add_task(label, total=total)
+            self._bar.update(self._tasks[stage], completed=done, total=total)
+            return
+        now = time.monotonic()
+        if stage != self._last_stage or now - self._last_line >= PLAIN_EVERY:
+            self._last_line, self._last_stage = now, stage
+            amount = f"{done / 1024:.0f} KiB" if stage == "downloading" else f"{done:.0f}s"
+            print(f"{stage}: {amount}", file=self.stream, flush=True)
+
+    @contextmanager
+    def live(self) -> Iterator[Reporter]:
+        if not self.tty:
+            yield self
+            return
+        console = Console(file=self.stream)
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            self._bar = bar
+            try:
+                yield self
+            finally:
+                self._bar = None
+
+
+def reporter() -> Reporter:
+    return Reporter(sys.stderr)
