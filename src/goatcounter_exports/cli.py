@@ -144,7 +144,7 @@ def demo(spec_path: str | None, host: str, rest_port: int | None, mcp_port: int 
 
 
 timeout_option = click.option(
-    "--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds to wait for the export."
+    "--timeout", type=click.FloatRange(0.1), default=600, show_default=True, help="Seconds to wait for the export."
 )
 
 
