@@ -196,3 +196,32 @@ def test_readme_mcp_configurations_work_as_written(goatcounter: LocalGoatCounter
 def test_every_command_is_documented_in_the_readme(command: list[str]) -> None:
     assert run_cli(command).returncode == 0
     assert f"goatcounter-exports {command[0]}" in README
+
+
+def test_readme_export_sync_cron_and_query_commands_work_as_written(tmp_path: Path) -> None:
+    """Every `.venv/bin/goatcounter-exports` line, the cron entry and the sqlite3 query of the README."""
+    from goatcounter_exports.goatcounter.local import find_binary
+
+    lines = [line for block in code_blocks("sh") for line in block.replace("\\\n", "").splitlines()]
+    commands = [line for line in lines if line.startswith(".venv/bin/goatcounter-exports ")]
+    (cron,) = [line for line in lines if line.startswith("15 * * * * ")]
+    (query,) = [line for line in lines if line.startswith("sqlite3 ")]
+    assert [c.split()[1] for c in commands] == ["export", "export"]
+    with LocalGoatCounter(find_binary(), tmp_path / "gc") as site:
+        site.seed(["/cron-a", "/cron-b", "/cron-a"])
+        home = tmp_path / "home"
+        env = clean_env(HOME=str(home), GOATCOUNTER_URL=site.url, GOATCOUNTER_API_KEY=site.export_key)
+        work = tmp_path / "work"
+        work.mkdir()
+        for command in commands:
+            done = subprocess.run(str(ROOT / command), shell=True, cwd=work, env=env, capture_output=True, text=True)  # noqa: S602
+            assert done.returncode == 0, done.stderr
+        assert (work / "pageviews.csv").read_text().count("/cron-a") == 2
+        assert (work / "new.csv.gz").exists()
+        entry = cron.split(" ", 5)[5].replace("/path/to/goatcounter-exports", str(ROOT))
+        entry = entry.replace("https://mysite.goatcounter.com", site.url).replace("=...", f"={site.export_key}")
+        done = subprocess.run(entry, shell=True, env=clean_env(HOME=str(home)), capture_output=True, text=True)  # noqa: S602
+        assert done.returncode == 0, done.stderr
+        answer = subprocess.run(query, shell=True, env=env, capture_output=True, text=True)  # noqa: S602
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.splitlines() == ["/cron-a|2", "/cron-b|1"]
