@@ -762,7 +762,8 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
     wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10, check=False)
-    found["wrk"] = (wrk.stdout or wrk.stderr).splitlines()[0].split(" [")[0] if (wrk.stdout or wrk.stderr) else "?"
+    banner = (wrk.stdout or wrk.stderr or "wrk ?").splitlines()[0]  # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."
+    found["wrk"] = banner.split(" [")[0].removeprefix("wrk ")
     return found
 
 

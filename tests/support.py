@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -148,6 +149,19 @@ def silent_server() -> Iterator[str]:
         for conn in held:
             conn.close()
         server.close()
+
+
+def call_tool(url: str, name: str, arguments: dict[str, Any]) -> Any:
+    """One tool call with the SDK's client over streamable HTTP."""
+    import asyncio
+
+    from mcp import Client
+
+    async def scenario() -> Any:
+        async with Client(url) as client:
+            return await client.call_tool(name, arguments)
+
+    return asyncio.run(scenario())
 
 
 def wait_for(predicate: object, timeout: float = 30, interval: float = 0.1, what: str = "condition") -> None:

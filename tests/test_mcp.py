@@ -18,7 +18,7 @@ from goatcounter_exports.goatcounter.local import LocalGoatCounter
 from mcp import Client, StdioServerParameters
 
 from .conftest import SEEDED_PATHS, service_env
-from .support import SERVE, RecordingProxy, Service, running
+from .support import SERVE, RecordingProxy, Service, call_tool, running
 
 SEED_TOOLS = {"create-csv-export", "get-export-info", "download-export"}
 EXPECTED_TOOLS = {*SEED_TOOLS, "export-pageviews", "pageview-stats"}
@@ -156,14 +156,6 @@ def test_dns_rebinding_protection_when_bound_to_all_interfaces(goatcounter: Loca
     assert allowed.status_code == 200
 
 
-def call(url: str, name: str, arguments: dict[str, Any]) -> Any:
-    async def scenario() -> Any:
-        async with Client(url) as client:
-            return await client.call_tool(name, arguments)
-
-    return asyncio.run(scenario())
-
-
 @pytest.mark.parametrize(
     "arguments",
     [{"id": "seven"}, {"id": 0}, {"id": 2**31}, {}, {"id": 1, "limit": 0}, {"id": 1, "offset": -1}, {"id": 1, "x": 1}],
@@ -174,7 +166,7 @@ def test_bad_arguments_are_errors_without_upstream_call(
     with RecordingProxy(goatcounter.url) as proxy:
         env = service_env(goatcounter, tmp_path, GOATCOUNTER_URL=proxy.url)
         with running(SERVE, env, want=("REST", "MCP")) as service:
-            result = call(service.mcp, "download-export", arguments)
+            result = call_tool(service.mcp, "download-export", arguments)
     assert result.is_error
     assert "Invalid arguments" in text_of(result)
     assert proxy.requests == []
@@ -185,16 +177,16 @@ def test_bad_create_arguments_spend_nothing(goatcounter: LocalGoatCounter, tmp_p
         env = service_env(goatcounter, tmp_path, GOATCOUNTER_URL=proxy.url)
         with running(SERVE, env, want=("REST", "MCP")) as service:
             results = [
-                call(service.mcp, "create-csv-export", {"start_from_hit_id": "x"}),
-                call(service.mcp, "create-csv-export", {"body": {"unknown": 1}}),
-                call(service.mcp, "create-csv-export", {"start_from_hit_id": 3, "body": {"start_from_hit_id": 4}}),
+                call_tool(service.mcp, "create-csv-export", {"start_from_hit_id": "x"}),
+                call_tool(service.mcp, "create-csv-export", {"body": {"unknown": 1}}),
+                call_tool(service.mcp, "create-csv-export", {"start_from_hit_id": 3, "body": {"start_from_hit_id": 4}}),
             ]
     assert all(r.is_error for r in results), [text_of(r) for r in results]
     assert proxy.paths("POST") == []
 
 
 def test_unknown_export_is_an_error_with_advice(service: Service) -> None:
-    result = call(service.mcp, "get-export-info", {"id": 424242})
+    result = call_tool(service.mcp, "get-export-info", {"id": 424242})
     assert result.is_error
     assert "404" in text_of(result) and "not found" in text_of(result) and "create-csv-export" in text_of(result)
 
@@ -206,8 +198,37 @@ def test_bad_key_and_missing_permission_are_errors_with_advice(goatcounter: Loca
     ):
         env = service_env(goatcounter, tmp_path, key=key)
         with running(SERVE, env, want=("REST", "MCP")) as service:
-            result = call(service.mcp, "get-export-info", {"id": 1})
+            result = call_tool(service.mcp, "get-export-info", {"id": 1})
             output = service.output()
         assert result.is_error
         assert status in text_of(result) and words in text_of(result)
         assert key not in text_of(result) and key not in output
+
+
+def test_download_before_finished_is_a_normal_result_and_a_deleted_file_an_error(tmp_path: Path) -> None:
+    from goatcounter_exports.goatcounter.local import find_binary
+
+    async def scenario(url: str) -> tuple[Any, Any, Any]:
+        async with Client(url) as client:
+            created = await client.call_tool("create-csv-export", {})
+            export_id = created.structured_content["id"]
+            early = await client.call_tool("download-export", {"id": export_id})
+            for _ in range(100):
+                info = await client.call_tool("get-export-info", {"id": export_id})
+                if info.structured_content["state"] == "finished":
+                    break
+                await asyncio.sleep(0.3)
+            for stored in big.export_dir.glob("*.csv.gz"):
+                stored.unlink()  # as GoatCounter's clean-up does after a day
+            gone = await client.call_tool("download-export", {"id": export_id})
+            return early, info, gone
+
+    with LocalGoatCounter(find_binary(), tmp_path / "big") as big:
+        big.seed([f"/bulk-{i}" for i in range(5200)])  # two 5000-row batches, with GoatCounter's pause between
+        with running(SERVE, service_env(big, tmp_path / "state")) as service:
+            early, info, gone = asyncio.run(scenario(service.mcp))
+    assert not early.is_error
+    assert early.structured_content["ready"] is False and "still being generated" in text_of(early)
+    assert info.structured_content["state"] == "finished"
+    assert gone.is_error
+    assert "kept for 24 hours" in text_of(gone) and "create a new export" in text_of(gone)

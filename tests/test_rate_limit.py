@@ -3,7 +3,6 @@ dedicated instance so the budget starts full."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import httpx
 import pytest
 
 from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
-from mcp import Client
 
 from .conftest import service_env
-from .support import SERVE, RecordingProxy, running
+from .support import SERVE, RecordingProxy, call_tool, running
 
 
 @pytest.fixture
@@ -76,14 +74,6 @@ def test_rest_passes_goatcounters_own_429_through_with_its_headers(limited: Loca
     assert "rate limit" in refused.json()["error"]
     assert again.status_code == 429  # now answered locally: the refusal taught us the budget
     assert proxy.paths("POST") == ["/api/v0/export"]
-
-
-def call_tool(url: str, name: str, arguments: dict[str, object]) -> object:
-    async def scenario() -> object:
-        async with Client(url) as client:
-            return await client.call_tool(name, arguments)
-
-    return asyncio.run(scenario())
 
 
 def test_mcp_429_is_an_error_that_says_how_long_to_wait(limited: LocalGoatCounter, tmp_path: Path) -> None:

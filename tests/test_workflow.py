@@ -224,3 +224,10 @@ def test_hash_helper_matches_goatcounters_format() -> None:
     assert hash_matches("sha256-" + digest, digest) is True
     assert hash_matches("sha256-" + "0" * 64, digest) is False
     assert hash_matches(None, digest) is None
+
+
+def test_export_exit_code_on_upstream_error(fresh: LocalGoatCounter, tmp_path: Path) -> None:
+    run = run_cli(["export", "-o", str(tmp_path / "x.csv")], service_env(fresh, tmp_path, key="not-a-key"))
+    assert run.returncode == 4
+    assert "401" in run.stderr and "not-a-key" not in run.stderr
+    assert not (tmp_path / "x.csv").exists()

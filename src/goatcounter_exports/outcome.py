@@ -14,7 +14,7 @@ from typing import Any
 from .errors import ApiError
 from .runtime import Runtime
 from .spec.resolve import Binding
-from .upstream import NOT_JSON, UpstreamResponse, parse_json
+from .upstream import NOT_JSON, UpstreamResponse, parse_json, retry_after
 
 MAX_TEXT_CHARS = 20_000  # what a tool result may put in a model's context
 
@@ -50,11 +50,10 @@ async def read_answer(response: UpstreamResponse) -> Any:
         message = document.get("error") if isinstance(document, dict) else None
         if message is None and isinstance(document, dict) and "errors" in document:
             message = json.dumps(document["errors"])
-        retry = response.headers.get("Retry-After")
         raise ApiError(
             response.status,
             str(message or f"{response.status} {response.reason}".strip()),
-            retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+            retry_after=retry_after(response.headers.get("Retry-After")),
         )
     return document
 

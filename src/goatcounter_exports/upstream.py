@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 64 * 1024
 MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 RETRY_DELAYS = (0.2, 0.5)  # connection failures of idempotent requests only
+MAX_THROTTLE_WAIT = 2.0  # seconds of Retry-After that a read waits out by itself
+MAX_THROTTLE_RETRIES = 3
 USER_AGENT = f"goatcounter-exports/{__version__}"
 
 
@@ -46,6 +48,14 @@ class UpstreamRequest:
 
     def __repr__(self) -> str:  # headers and query may hold secrets
         return f"UpstreamRequest({self.method} {self.host}{urlsplit(self.url).path})"
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (the delta form; GoatCounter sends whole seconds)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def host_of(url: str) -> str:
@@ -206,8 +216,9 @@ class UpstreamClient:
         """Send `request`; yield the response with its body unread; always release the connection."""
         await self.open()
         assert self._session is not None
-        delays = RETRY_DELAYS if request.method in ("GET", "HEAD") else ()
-        attempt = 0
+        idempotent = request.method in ("GET", "HEAD")
+        delays = RETRY_DELAYS if idempotent else ()
+        attempt = throttled = 0
         while True:
             try:
                 with translate_errors(request.host):
@@ -219,12 +230,20 @@ class UpstreamClient:
                         data=request.body,
                         allow_redirects=False,
                     )
-                break
             except UpstreamUnreachable:
                 if attempt >= len(delays):
                     raise
                 await asyncio.sleep(delays[attempt])
                 attempt += 1
+                continue
+            # A short per-second limit (GoatCounter's 4 requests a second) is waited out for reads;
+            # a long one, and any refused POST, is the caller's to see.
+            wait = retry_after(raw.headers.get("Retry-After")) if raw.status == 429 and idempotent else None
+            if wait is None or wait > MAX_THROTTLE_WAIT or throttled >= MAX_THROTTLE_RETRIES:
+                break
+            raw.release()
+            throttled += 1
+            await asyncio.sleep(wait)
         try:
             yield UpstreamResponse(raw.status, raw.headers, request.host, raw=raw, reason=raw.reason or "")
         finally:
