@@ -83,3 +83,13 @@ def test_mcp_429_is_an_error_that_says_how_long_to_wait(limited: LocalGoatCounte
     assert result.is_error  # type: ignore[attr-defined]
     text = result.content[0].text  # type: ignore[attr-defined]
     assert "429" in text and "wait 3" in text and "seconds" in text
+
+
+def test_reads_wait_out_the_four_a_second_limit(limited: LocalGoatCounter, tmp_path: Path) -> None:
+    """GoatCounter allows 4 API reads a second; a burst of reads is slowed down, not refused."""
+    with running(SERVE, service_env(limited, tmp_path)) as service, httpx.Client(timeout=30) as client:
+        statuses = [client.get(f"{service.rest}/v1/export/424242").status_code for _ in range(10)]
+    assert statuses == [404] * 10
+    # Without the wait, GoatCounter itself refuses the fifth read within the second:
+    direct = [limited.request("GET", "/api/v0/export/424242", key=limited.export_key).status for _ in range(6)]
+    assert 429 in direct

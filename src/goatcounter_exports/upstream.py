@@ -30,7 +30,8 @@ CHUNK_SIZE = 64 * 1024
 MAX_BUFFERED_BYTES = 16 * 1024 * 1024
 RETRY_DELAYS = (0.2, 0.5)  # connection failures of idempotent requests only
 MAX_THROTTLE_WAIT = 2.0  # seconds of Retry-After that a read waits out by itself
-MAX_THROTTLE_RETRIES = 3
+MAX_THROTTLE_RETRIES = 4
+MIN_THROTTLE_WAIT = 0.3
 USER_AGENT = f"goatcounter-exports/{__version__}"
 
 
@@ -242,8 +243,9 @@ class UpstreamClient:
             if wait is None or wait > MAX_THROTTLE_WAIT or throttled >= MAX_THROTTLE_RETRIES:
                 break
             raw.release()
+            # Retry-After is rounded to whole seconds ("0" for 0.4 s left): never retry at once.
+            await asyncio.sleep(max(wait, MIN_THROTTLE_WAIT * 2**throttled))
             throttled += 1
-            await asyncio.sleep(wait)
         try:
             yield UpstreamResponse(raw.status, raw.headers, request.host, raw=raw, reason=raw.reason or "")
         finally:
