@@ -77,7 +77,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 # uvloop); a buffering proxy raises it by 3 times the file or more. The verdict's threshold sits between the two.
 CONSTANT_MEMORY_SLACK = 4 * 2**20
 
-# Shaped like GoatCounter's `Export` object (GET /api/v0/export/{id}), padded to about 400 bytes.
+# Shaped like GoatCounter's `Export` object (GET /api/v0/export/{id}): about 400 bytes of JSON.
 EXPORT_OBJECT: dict[str, object] = {
     "id": 42,
     "site_id": 1,
