@@ -146,14 +146,29 @@ def test_dns_rebinding_protection_on_loopback(service: Service) -> None:
 
 def test_dns_rebinding_protection_when_bound_to_all_interfaces(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
     env = service_env(goatcounter, tmp_path, GOATCOUNTER_EXPORTS_ALLOWED_HOSTS="analytics.internal")
-    with running([*SERVE, "--host", "0.0.0.0"], env, want=("REST", "MCP")) as service:
+    args = [*SERVE, "--host", "0.0.0.0", "--allowed-host", "stats.internal"]
+    with running(args, env, want=("REST", "MCP")) as service:
         port = service.mcp.split(":")[2].split("/")[0]
         url = f"http://127.0.0.1:{port}/mcp"
         body = {**INIT, "params": {**INIT["params"], "protocolVersion": "2025-06-18"}}  # type: ignore[dict-item]
-        evil = httpx.post(url, json=body, headers={**MCP_HEADERS, "Host": "evil.example"}, timeout=30)
-        allowed = httpx.post(url, json=body, headers={**MCP_HEADERS, "Host": f"analytics.internal:{port}"}, timeout=30)
-    assert evil.status_code == 421
-    assert allowed.status_code == 200
+
+        def status(host: str) -> int:
+            return httpx.post(url, json=body, headers={**MCP_HEADERS, "Host": host}, timeout=30).status_code
+
+        evil = status("evil.example")
+        from_flag = status(f"stats.internal:{port}")
+    assert evil == 421
+    assert from_flag == 200
+    env_only = service_env(goatcounter, tmp_path, GOATCOUNTER_EXPORTS_ALLOWED_HOSTS="analytics.internal")
+    with running([*SERVE, "--host", "0.0.0.0"], env_only, want=("REST", "MCP")) as service:
+        port = service.mcp.split(":")[2].split("/")[0]
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/mcp",
+            json=body,
+            headers={**MCP_HEADERS, "Host": f"analytics.internal:{port}"},
+            timeout=30,
+        )
+    assert answer.status_code == 200
 
 
 @pytest.mark.parametrize(

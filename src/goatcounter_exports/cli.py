@@ -74,12 +74,26 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080).")
 @click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090).")
+@click.option(
+    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME", help="Extra Host name MCP accepts (repeatable)."
+)
 def serve(
-    spec_path: str | None, upstream: tuple[str, ...], host: str, rest_port: int | None, mcp_port: int | None
+    spec_path: str | None,
+    upstream: tuple[str, ...],
+    host: str,
+    rest_port: int | None,
+    mcp_port: int | None,
+    allowed_hosts: tuple[str, ...],
 ) -> None:
     """Serve the capability's REST and MCP adapters."""
     spec = load_spec(spec_path)
-    settings = make_settings(host=host, rest_port=rest_port, mcp_port=mcp_port, base_uris=parse_upstreams(upstream))
+    settings = make_settings(
+        host=host,
+        rest_port=rest_port,
+        mcp_port=mcp_port,
+        base_uris=parse_upstreams(upstream),
+        allowed_hosts=allowed_hosts or None,
+    )
     runtime = build_runtime(spec, settings)
     guarded(lambda: runtime.check_bound_variables())
     from .app import serve_forever
