@@ -113,6 +113,7 @@ class Runtime:
         )
         self.resolution = resolve(spec)
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
+        self._validators: dict[tuple[str, str], jsonschema.Draft202012Validator] = {}
         self._base_uris = {c.namespace: self._base_uri(c) for c in spec.capability.consumes}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -172,7 +173,9 @@ class Runtime:
             for item in binding.inputs:
                 if isinstance(values.get(item.name), str) and item.location != "body":
                     values[item.name] = _from_text(values[item.name], item)
-        validator = jsonschema.Draft202012Validator(schema)
+        validator = self._validators.get((binding.namespace, binding.name))
+        if validator is None:  # built once per binding: compiling costs far more than validating
+            validator = self._validators[(binding.namespace, binding.name)] = jsonschema.Draft202012Validator(schema)
         error = jsonschema.exceptions.best_match(validator.iter_errors(values))
         if error is not None:
             field = ".".join(str(p) for p in error.absolute_path) or None

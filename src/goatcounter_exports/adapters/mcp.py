@@ -46,6 +46,7 @@ class ToolSet:
         }
         self.tools += [self._extra_tool(t) for t in self.extra.values()]
         self.input_schemas = {t.name: t.input_schema for t in self.tools}
+        self.validators = {name: jsonschema.Draft202012Validator(s) for name, s in self.input_schemas.items()}
 
     def _extension_schema(self, binding: Binding) -> ToolSchema:
         for extension in self.runtime.extensions:
@@ -100,8 +101,7 @@ class ToolSet:
 
     def check(self, name: str, arguments: dict[str, Any]) -> None:
         """Arguments against the tool's published input schema. Raises InputError."""
-        validator = jsonschema.Draft202012Validator(self.input_schemas[name])
-        error = jsonschema.exceptions.best_match(validator.iter_errors(arguments))
+        error = jsonschema.exceptions.best_match(self.validators[name].iter_errors(arguments))
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path)
             raise InputError(f"{where + ': ' if where else ''}{error.message}", field=where or None)
