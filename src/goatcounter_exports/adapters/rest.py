@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -21,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ConfigError, InputError, UpstreamError
+from ..gzipstream import gunzip
 from ..runtime import CallContext, Runtime
 from ..spec.resolve import Binding
 from ..upstream import NOT_JSON, UpstreamResponse, parse_json
@@ -82,17 +82,6 @@ def wants_csv(accept: str) -> bool:
     csv = quality.get("text/csv", 0.0)
     gzip = max(quality.get("application/gzip", 0.0), quality.get("*/*", 0.0), quality.get("application/*", 0.0))
     return csv > 0 and csv >= gzip
-
-
-async def gunzip(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    decompressor = zlib.decompressobj(wbits=31)
-    async for chunk in chunks:
-        data = decompressor.decompress(chunk)
-        if data:
-            yield data
-    tail = decompressor.flush()
-    if tail:
-        yield tail
 
 
 def passthrough_headers(response: UpstreamResponse) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..outcome import EmbeddedText, ExtraTool, Outcome, Report
 from . import stats
-from .csvfile import GzipCsvReader, RecordStream, split_header
+from .csvfile import iter_records, split_header
 from .state import StateStore
 from .workflow import ExportJob
 
@@ -84,28 +84,18 @@ def extra_tools(runtime: Runtime, state: StateStore | None) -> list[ExtraTool]:
         await report(0, None, f"export {export['id']} {'reused' if reused else 'created'}")
         export = await job.wait(export, float(arguments.get("timeout_seconds", 300)))
         preview_rows = int(arguments.get("preview_rows", PREVIEW_ROWS))
-        reader, records = GzipCsvReader(), RecordStream()
         columns: list[str] = []
         preview: list[list[str]] = []
         paths: dict[str, int] = {}
         total = 0
-
-        def take(batch: Any) -> None:
-            nonlocal total
-            for record in batch:
-                if not columns:
-                    columns.extend(split_header(record)[1])
-                    continue
-                total += 1
-                paths[record[0]] = paths.get(record[0], 0) + 1
-                if len(preview) < preview_rows:
-                    preview.append(record)
-
-        async for chunk in job.file_chunks(export):  # raises on a hash mismatch
-            reader.feed(chunk)
-            take(records.push(reader.take_lines()))
-        reader.close()
-        take(records.push(reader.take_lines(), final=True))
+        async for record in iter_records(job.file_chunks(export)):  # raises on a hash mismatch
+            if not columns:
+                columns.extend(split_header(record)[1])
+                continue
+            total += 1
+            paths[record[0]] = paths.get(record[0], 0) + 1
+            if len(preview) < preview_rows:
+                preview.append(record)
         top = sorted(paths.items(), key=lambda item: (-item[1], item[0]))[:10]
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows([columns, *preview] if columns else [])

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import ExportError
+from ..gzipstream import TruncatedGzip, gunzip
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 SUPPORTED_VERSIONS = ("2",)
 HASH_PREFIX = "sha256-"
@@ -42,48 +45,6 @@ def hash_matches(expected: str | None, sha256_hex: str) -> bool | None:
     return expected.strip().lower() == HASH_PREFIX + sha256_hex
 
 
-@dataclass
-class GzipCsvReader:
-    """Feed compressed chunks; iterate complete CSV records as they become available."""
-
-    sha256: hashlib._Hash = field(default_factory=hashlib.sha256)
-    compressed_bytes: int = 0
-    _inflate: zlib._Decompress = field(default_factory=lambda: zlib.decompressobj(wbits=31))
-    _decode: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
-    _pending: str = ""
-    _lines: list[str] = field(default_factory=list)
-
-    def feed(self, chunk: bytes) -> None:
-        self.sha256.update(chunk)
-        self.compressed_bytes += len(chunk)
-        try:
-            text = self._decode.decode(self._inflate.decompress(chunk))
-        except (zlib.error, UnicodeDecodeError) as exc:
-            raise ExportError(f"the export file is not valid gzip-compressed UTF-8: {exc}") from None
-        self._split(text)
-
-    def close(self) -> None:
-        try:
-            text = self._decode.decode(self._inflate.flush(), final=True)
-        except (zlib.error, UnicodeDecodeError) as exc:
-            raise ExportError(f"the export file is truncated or corrupt: {exc}") from None
-        if not self._inflate.eof:
-            raise ExportError("the export file is truncated (gzip stream did not end)")
-        self._split(text)
-        if self._pending:
-            self._lines.append(self._pending)
-            self._pending = ""
-
-    def _split(self, text: str) -> None:
-        parts = (self._pending + text).split("\n")
-        self._pending = parts.pop()
-        self._lines.extend(part + "\n" for part in parts)
-
-    def take_lines(self) -> list[str]:
-        lines, self._lines = self._lines, []
-        return lines
-
-
 class RecordStream:
     """CSV records from lines that arrive in batches; a quoted field may span batches."""
 
@@ -105,13 +66,29 @@ class RecordStream:
         yield from csv.reader(ready)
 
 
-async def iter_records(chunks: AsyncIterator[bytes], reader: GzipCsvReader) -> AsyncIterator[list[str]]:
-    """Every record of a streamed export file, header first. `reader` holds the hash once done."""
+async def iter_records(chunks: AsyncIterator[bytes], digest: Hash | None = None) -> AsyncIterator[list[str]]:
+    """Every record of a streamed gzip CSV file, header first, in constant memory.
+
+    `digest`, when given, is updated with the compressed bytes (to compare with the export's hash).
+    """
+
+    async def hashed() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if digest is not None:
+                digest.update(chunk)
+            yield chunk
+
+    decode = codecs.getincrementaldecoder("utf-8")()
     records = RecordStream()
-    async for chunk in chunks:
-        reader.feed(chunk)
-        for record in records.push(reader.take_lines()):
-            yield record
-    reader.close()
-    for record in records.push(reader.take_lines(), final=True):
+    pending = ""
+    try:
+        async for piece in gunzip(hashed()):
+            lines = (pending + decode.decode(piece)).split("\n")
+            pending = lines.pop()
+            for record in records.push([line + "\n" for line in lines]):
+                yield record
+        pending += decode.decode(b"", final=True)
+    except (zlib.error, UnicodeDecodeError, TruncatedGzip) as exc:
+        raise ExportError(f"the export file is not valid, complete gzip-compressed UTF-8: {exc}") from None
+    for record in records.push([pending] if pending else [], final=True):
         yield record

@@ -42,6 +42,10 @@ from typing import Any, Self
 
 GOATCOUNTER_VERSION = "v2.7.0"
 BINARY_NAME = f"goatcounter-{GOATCOUNTER_VERSION}"
+# GoatCounter's main branch at the commit scripts/install-goatcounter pins (`main_commit` there):
+# `scripts/install-goatcounter main` builds it as MAIN_BINARY_NAME.
+MAIN_COMMIT = "f3c7b792f78b"
+MAIN_BINARY_NAME = f"goatcounter-main-{MAIN_COMMIT}"
 INSTALL_SCRIPT = "scripts/install-goatcounter"
 # Lifts GoatCounter's limits (export:1/3600, api:4/1, api-count:60/120) for ordinary tests.
 NO_RATELIMIT = "export:1000/1,api:1000/1,api-count:1000/1"
@@ -75,12 +79,16 @@ def default_binary_path(env: Mapping[str, str]) -> Path:
     return default_cache_dir(env) / "bin" / BINARY_NAME
 
 
-def find_binary(explicit: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None) -> Path:
+def find_binary(
+    explicit: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None, name: str = BINARY_NAME
+) -> Path:
     """The GoatCounter binary to run.
 
     In order: `explicit` (an error when it is not an executable file), then the cache of
     scripts/install-goatcounter (`cache_dir`, by default from the environment), then
     `goatcounter` on PATH. Raises GoatCounterNotInstalled naming the install script.
+    Another `name` (MAIN_BINARY_NAME) is looked for in the cache only: `goatcounter` on PATH
+    is no particular version.
     """
     if explicit is not None:
         path = Path(explicit).expanduser()
@@ -90,9 +98,14 @@ def find_binary(explicit: str | os.PathLike[str] | None = None, *, cache_dir: Pa
             f"GoatCounter binary {str(path)!r} does not exist or is not executable; "
             f"run {INSTALL_SCRIPT} to install GoatCounter {GOATCOUNTER_VERSION}"
         )
-    cached = (cache_dir if cache_dir is not None else default_cache_dir(os.environ)) / "bin" / BINARY_NAME
+    cached = (cache_dir if cache_dir is not None else default_cache_dir(os.environ)) / "bin" / name
     if cached.is_file() and os.access(cached, os.X_OK):
         return cached
+    if name != BINARY_NAME:
+        raise GoatCounterNotInstalled(
+            f"GoatCounter is not installed: no {cached}; run {INSTALL_SCRIPT} main "
+            f"(builds GoatCounter main at {MAIN_COMMIT}; needs Go 1.27 and gcc)"
+        )
     on_path = shutil.which("goatcounter")
     if on_path is not None:
         return Path(on_path)

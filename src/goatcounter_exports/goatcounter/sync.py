@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExportError
-from .csvfile import GzipCsvReader, RecordStream, split_header
+from .csvfile import iter_records, split_header
 from .workflow import ExportJob
 
 # CSV header name -> (column, SQLite type). Typed where GoatCounter's values are numbers.
@@ -98,18 +98,14 @@ async def sync(job: ExportJob, database: Path, *, wait_seconds: float, environ: 
         export, reused = await job.create_or_reuse(before)
         export = await job.wait(export, wait_seconds)
         last_hit_id = int(export["last_hit_id"] if export.get("last_hit_id") is not None else before)
-        reader = GzipCsvReader()
-        records = RecordStream()
         columns: list[str] = []
         added = 0
         db.execute("begin immediate")
         try:
-            async for chunk in job.file_chunks(export):
-                reader.feed(chunk)
-                added += _insert(db, site, int(export["id"]), records.push(reader.take_lines()), columns)
-                crash_point("download", environ)
-            reader.close()
-            added += _insert(db, site, int(export["id"]), records.push(reader.take_lines(), final=True), columns)
+            async for record in iter_records(job.file_chunks(export)):  # the hash is checked at the end
+                added += _insert(db, site, int(export["id"]), record, columns)
+                if added == 1:
+                    crash_point("download", environ)
             if export.get("num_rows") is not None and added != int(export["num_rows"]):
                 raise ExportError(f"export {export['id']} has {export['num_rows']} rows but the file had {added}")
             crash_point("before-commit", environ)
@@ -137,26 +133,24 @@ def _count(db: sqlite3.Connection, site: str) -> int:
     return int(db.execute("select count(*) from pageviews where site = ?", (site,)).fetchone()[0])
 
 
-def _insert(db: sqlite3.Connection, site: str, export_id: int, records: Any, columns: list[str]) -> int:
-    count = 0
-    for record in records:
-        if not columns:
-            _, header = split_header(record)  # refuses an unknown format version
-            columns.extend(header)
-            for statement in pageviews_schema(columns):
-                db.execute(statement)
-            known = {row[1] for row in db.execute("pragma table_info(pageviews)")}
-            missing = [c for c in columns if column_name(c) not in known]
-            if missing:
-                raise ExportError(f"the pageviews table lacks columns for {missing}; use a new --db")
-            continue
-        if len(record) != len(columns):
-            raise ExportError(f"a CSV row has {len(record)} fields, the header {len(columns)}")
-        names = ", ".join(column_name(c) for c in columns)
-        marks = ", ".join("?" for _ in columns)
-        db.execute(
-            f"insert into pageviews (site, export_id, {names}) values (?, ?, {marks})",  # noqa: S608 - names from the schema
-            (site, export_id, *(_value(c, v) for c, v in zip(columns, record, strict=True))),
-        )
-        count += 1
-    return count
+def _insert(db: sqlite3.Connection, site: str, export_id: int, record: list[str], columns: list[str]) -> int:
+    """Insert one record (returns 1), or take the header (returns 0) and make sure the table fits it."""
+    if not columns:
+        _, header = split_header(record)  # refuses an unknown format version
+        columns.extend(header)
+        for statement in pageviews_schema(columns):
+            db.execute(statement)
+        known = {row[1] for row in db.execute("pragma table_info(pageviews)")}
+        missing = [c for c in columns if column_name(c) not in known]
+        if missing:
+            raise ExportError(f"the pageviews table lacks columns for {missing}; use a new --db")
+        return 0
+    if len(record) != len(columns):
+        raise ExportError(f"a CSV row has {len(record)} fields, the header {len(columns)}")
+    names = ", ".join(column_name(c) for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    db.execute(
+        f"insert into pageviews (site, export_id, {names}) values (?, ?, {marks})",  # noqa: S608 - names from the schema
+        (site, export_id, *(_value(c, v) for c, v in zip(columns, record, strict=True))),
+    )
+    return 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ApiError, ExportError
+from ..gzipstream import TruncatedGzip, gunzip
 from ..outcome import read_answer
 from ..runtime import Runtime
 from .csvfile import hash_matches, split_header
@@ -129,25 +130,20 @@ async def write_atomically(chunks: AsyncIterator[bytes], destination: Path, *, d
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
     written = 0
     try:
-        inflate = zlib.decompressobj(wbits=31) if decompress else None
         checked = not decompress
         with os.fdopen(handle, "wb") as out:
-            async for chunk in chunks:
-                try:
-                    data = inflate.decompress(chunk) if inflate else chunk
-                except zlib.error as exc:
-                    raise IntegrityError(f"the export file is not valid gzip: {exc}") from None
-                if not checked and data:
-                    split_header(data.split(b"\n", 1)[0].decode("utf-8", "replace").split(","))
-                    checked = True
-                out.write(data)
-                written += len(data)
-            if inflate:
-                tail = inflate.flush()
-                out.write(tail)
-                written += len(tail)
-                if not inflate.eof:
-                    raise IntegrityError("the export file is truncated (gzip stream did not end)")
+            try:
+                async for data in gunzip(chunks) if decompress else chunks:
+                    if not checked and data:
+                        try:
+                            split_header(data.split(b"\n", 1)[0].decode("utf-8", "replace").split(","))
+                        except ExportError as exc:
+                            raise IntegrityError(str(exc)) from None
+                        checked = True
+                    out.write(data)
+                    written += len(data)
+            except (zlib.error, TruncatedGzip) as exc:
+                raise IntegrityError(f"the export file is not valid, complete gzip: {exc}") from None
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, destination)
