@@ -42,7 +42,10 @@ class _Server(uvicorn.Server):
 
 def bind(listener: Listener, flag: str) -> None:
     family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Say IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) on accepted connections only
+    # when the socket's proto is TCP. With proto 0, every keep-alive answer waited ~40 ms for the
+    # client's delayed ACK (bench/service.py: 22 -> 907 sequential calls/s with this fix).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((listener.host, listener.port))
