@@ -98,6 +98,23 @@ capability:
           query: rest.body
         inputParameters:
         - {name: body, in: body, type: object, description: Search request.}
+  - type: mcp
+    namespace: notes-mcp
+    port: 9191
+    description: Notes for agents.
+    tools:
+    - name: list-notes
+      description: List an item's notes.
+      call: notes.list-notes
+      with:
+        itemId: tools.item
+        limit: tools.limit
+      inputParameters:
+      - {name: item, type: integer, description: Item number.}
+      - {name: limit, type: integer, description: Page size., required: false}
+      hints: {readOnly: true, idempotent: true, openWorld: false}
+      outputParameters:
+      - {name: seen_path, type: string, mapping: $.path}
 """
 
 
@@ -148,7 +165,7 @@ def test_second_spec_is_served_by_the_same_runtime(echo: str, tmp_path: Path) ->
         NOTES_URL=echo + "/api",  # the generic <NAMESPACE>_URL override
         ARCHIVE_URL=echo,
     )
-    with running([*SERVE, "--spec", str(spec)], env, want=("REST",)) as service:
+    with running([*SERVE, "--spec", str(spec)], env) as service:
         notes = httpx.get(f"{service.rest}/things/42/notes?limit=5", headers={"trace": "t-1"}, timeout=30)
         search = httpx.post(f"{service.rest}/search", json={"q": "goats"}, timeout=30)
         bad = httpx.get(f"{service.rest}/things/x/notes", timeout=30)
@@ -175,8 +192,34 @@ def test_second_spec_header_and_apikey_reach_the_upstream(echo: str, tmp_path: P
     spec = tmp_path / "notes.yaml"
     spec.write_text(SECOND_SPEC.replace("mapping: $.path}", "mapping: $.headers}"))
     env = clean_env(NOTES_API_KEY="notes-key-123", NOTES_PASSWORD="pw", NOTES_URL=echo + "/api", ARCHIVE_URL=echo)
-    with running([*SERVE, "--spec", str(spec)], env, want=("REST",)) as service:
+    with running([*SERVE, "--spec", str(spec)], env) as service:
         response = httpx.get(f"{service.rest}/things/7/notes", headers={"trace": "abc"}, timeout=30)
     headers = response.json()["seen_path"]
     assert headers["x-api-key"] == "notes-key-123"
     assert headers["x-trace"] == "abc-via-template"
+
+
+def test_second_spec_tools_are_served_over_mcp_by_the_generic_runtime(echo: str, tmp_path: Path) -> None:
+    import asyncio
+
+    from mcp import Client
+
+    spec = tmp_path / "notes.yaml"
+    spec.write_text(SECOND_SPEC)
+    env = clean_env(NOTES_API_KEY="notes-key-123", NOTES_PASSWORD="pw", NOTES_URL=echo + "/api", ARCHIVE_URL=echo)
+
+    async def scenario(url: str) -> tuple[object, object, object]:
+        async with Client(url) as client:
+            tools = (await client.list_tools()).tools
+            result = await client.call_tool("list-notes", {"item": 9, "limit": 3})
+            bad = await client.call_tool("list-notes", {"item": "nine"})
+            return tools, result, bad
+
+    with running([*SERVE, "--spec", str(spec)], env) as service:
+        tools, result, bad = asyncio.run(scenario(service.mcp))
+    (tool,) = tools  # type: ignore[misc]  # no GoatCounter tools for a capability that is not GoatCounter's
+    assert tool.name == "list-notes"
+    assert tool.input_schema["required"] == ["item"]
+    assert tool.annotations.read_only_hint is True and tool.annotations.open_world_hint is False
+    assert result.structured_content == {"seen_path": "/api/items/9/notes"}  # type: ignore[attr-defined]
+    assert bad.is_error  # type: ignore[attr-defined]

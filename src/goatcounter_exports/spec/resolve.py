@@ -304,7 +304,8 @@ def _adapter_inputs(
                 location,
                 parameter.type,
                 parameter.description,
-                parameter.required if parameter.required is not None else location == "path",
+                # MCP tool parameters are required unless they say otherwise (the schema's default).
+                parameter.required if parameter.required is not None else (kind == "mcp" or location == "path"),
                 fed_by.get(parameter.name),
             )
         )
