@@ -142,24 +142,21 @@ async def forward(request: Request, runtime: Runtime, binding: Binding, stack: A
 def endpoint(runtime: Runtime, binding: Binding) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
         stack = AsyncExitStack()
+        streaming = False  # a streamed body closes the upstream response itself, when it ends
         try:
             response = await forward(request, runtime, binding, stack)
+            streaming = isinstance(response, StreamingResponse)
+            return response
         except InputError as exc:
-            await stack.aclose()
             return error_response(400, str(exc), field=exc.field)
         except UpstreamError as exc:
-            await stack.aclose()
             log.warning("%s %s: %s", request.method, request.url.path, exc)
             return error_response(exc.status_code, str(exc))
         except ConfigError as exc:
-            await stack.aclose()
             return error_response(500, str(exc))
-        except BaseException:
-            await stack.aclose()
-            raise
-        if not isinstance(response, StreamingResponse):
-            await stack.aclose()
-        return response
+        finally:
+            if not streaming:
+                await stack.aclose()
 
     return handle
 
