@@ -35,7 +35,6 @@ import hashlib
 import http.client
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -43,28 +42,41 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
+
+# The script runs as a file, so its own folder is normally first on sys.path already; not with -P/PYTHONSAFEPATH.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import (
+    LOOPBACK,
+    STOP_TIMEOUT_S,
+    WRK_REPORT_LUA,
+    BenchError,
+    PeakRss,
+    Throughput,
+    check_bounds,
+    cpu_seconds,
+    run_guarded,
+    run_wrk,
+    tail,
+    versions,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_BIN = REPO / ".venv" / "bin" / "goatcounter-exports"
-LOOPBACK = "127.0.0.1"
 # The launcher's default (NO_RATELIMIT) still allows 1,000 API calls a second, and wrk asks GoatCounter for ~7,000:
 # the direct baseline would mostly measure 429s, and our service would wait them out. Lift the API limit for real.
 RATELIMIT = "export:1000/1,api:100000000/1,api-count:100000000/1"
 SEED_BATCH = 2000  # pageviews per gc.seed call (it posts them 500 at a time and waits until stored)
 SERVICE_START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 EXPORT_TIMEOUT_S = 120.0
 HTTP_TIMEOUT_S = 60.0
 CHUNK = 64 * 1024
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
+VERSIONED_PACKAGES = ("goatcounter-exports", "starlette", "uvicorn", "aiohttp", "mcp", "httpx2")
 
 # `--tcp-nodelay` (an A/B experiment, not the shipped service): start the service with its listening sockets created
 # as IPPROTO_TCP. asyncio sets TCP_NODELAY on accepted connections only when the listener's proto says TCP, and
@@ -82,23 +94,14 @@ sys.argv = ["goatcounter-exports", *sys.argv[1:]]
 main()
 """
 
-WRK_LUA = r"""
+WRK_LUA = (
+    r"""
 wrk.headers["Content-Type"] = "application/json"
 local auth = os.getenv("BENCH_AUTHORIZATION")
 if auth and auth ~= "" then wrk.headers["Authorization"] = auth end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH {\"requests\":%.0f,\"duration_us\":%.0f,\"connect\":%.0f,\"read\":%.0f,\"write\":%.0f," ..
-    "\"status\":%.0f,\"timeout\":%.0f,\"p50_us\":%.0f,\"p99_us\":%.0f}\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
 """
-
-
-class BenchError(RuntimeError):
-    """A step of the benchmark failed; the message says which and why."""
+    + WRK_REPORT_LUA
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,11 +153,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
         help="A/B: run the service with TCP_NODELAY on its accepted connections (a bench-only patch, see the code)",
     )
     args = parser.parse_args(argv)
-    for name, (low, high) in BOUNDS.items():
-        if not low <= getattr(args, name) <= high:
-            parser.error(f"--{name} must be between {low} and {high}")
-    if args.threads > args.connections:
-        parser.error("--threads must not exceed --connections")
+    check_bounds(parser, args, BOUNDS)
     command = tuple(shlex.split(args.service_command))
     if not command:
         parser.error("--service-command must not be empty")
@@ -195,19 +194,6 @@ def check_prerequisites() -> list[str]:
 # Processes: CPU time, memory, the service
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise BenchError(f"/proc/{pid}/status has no {key}")
-
-
 def goatcounter_pid(binary: Path) -> int:
     """Our GoatCounter child, found in /proc (the launcher keeps its process private)."""
     me = os.getpid()
@@ -216,41 +202,6 @@ def goatcounter_pid(binary: Path) -> int:
             if Path(f"/proc/{child}/exe").resolve() == binary.resolve():
                 return int(child)
     raise BenchError("cannot find the GoatCounter process among this driver's children")
-
-
-class PeakRss:
-    """Peak resident memory of a process during a block: the kernel's high-water mark, reset at entry through
-    /proc/PID/clear_refs, with a 5 ms sampler as the fallback when that is not allowed."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.before_kib = 0
-        self.peak_kib = 0
-        self.method = "VmHWM"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
-
-    def _sample(self) -> None:
-        deadline = time.monotonic() + 600
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            with contextlib.suppress(OSError, BenchError):
-                self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmRSS"))
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> PeakRss:
-        self.before_kib = self.peak_kib = status_kib(self.pid, "VmRSS")
-        try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-        except OSError:
-            self.method = "sampled"
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self.method == "VmHWM":
-            self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmHWM"))
 
 
 def _child_setup(cpu: int | None) -> Callable[[], None]:
@@ -281,11 +232,8 @@ class Service:
         return int(self.rest.rsplit(":", 1)[1])
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no {path})"
+def log_tail(log: Path) -> str:
+    return tail(log, missing=f"(no {log})")
 
 
 @contextlib.contextmanager
@@ -313,7 +261,7 @@ def running_service(command: Sequence[str], gc_url: str, key: str, workdir: Path
         deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
         while not (rest and mcp):
             if process.poll() is not None:
-                raise BenchError(f"the service exited with {process.returncode} at startup:\n{tail(log)}")
+                raise BenchError(f"the service exited with {process.returncode} at startup:\n{log_tail(log)}")
             if time.monotonic() > deadline:
                 raise BenchError(f"the service did not announce REST and MCP in {SERVICE_START_TIMEOUT_S:.0f}s")
             for line in log.read_text(errors="replace").splitlines():
@@ -435,52 +383,23 @@ class WrkResult:
     goatcounter_cpu_us: float  # per request
 
 
-def run_wrk(
-    url: str, lua: Path, seconds: int, settings: Settings, authorization: str, cpu: set[int] | None
-) -> dict[str, Any]:
-    command = [
-        "wrk",
-        f"--threads={settings.threads}",
-        f"--connections={settings.connections}",
-        f"--duration={seconds}s",
-        "--timeout=5s",
-        f"--script={lua}",
-        url,
-    ]
-    env = {**os.environ, "BENCH_AUTHORIZATION": authorization}  # not on the command line, where ps shows it
-    with affinity(cpu):
-        process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-    try:
-        out, err = process.communicate(timeout=seconds + 30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_S)
-    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("BENCH ")]
-    if process.returncode != 0 or not lines:
-        raise BenchError(f"wrk failed ({process.returncode}): {err.decode(errors='replace')[-500:]}")
-    raw: dict[str, Any] = json.loads(lines[-1].removeprefix("BENCH "))
-    return raw
-
-
 def load(
     url: str, settings: Settings, lua: Path, authorization: str, service_pid: int | None, gc_pid: int
 ) -> WrkResult:
+    env = {**os.environ, "BENCH_AUTHORIZATION": authorization}  # not on the command line, where ps shows it
+    threads, connections = settings.threads, settings.connections
     if settings.warmup:
-        run_wrk(url, lua, settings.warmup, settings, authorization, None)
+        run_wrk(url, lua, settings.warmup, threads, connections, env=env)
     service_before = cpu_seconds(service_pid) if service_pid else 0.0
     gc_before = cpu_seconds(gc_pid)
-    raw = run_wrk(url, lua, settings.duration, settings, authorization, None)
-    requests = max(1, int(raw["requests"]))
-    elapsed = raw["duration_us"] / 1e6
+    wrk = run_wrk(url, lua, settings.duration, threads, connections, env=env)
+    requests = max(1, wrk.requests)
     return WrkResult(
-        requests=int(raw["requests"]),
-        rps=raw["requests"] / elapsed if elapsed > 0 else 0.0,
-        p50_ms=raw["p50_us"] / 1000,
-        p99_ms=raw["p99_us"] / 1000,
-        errors=sum(int(raw[key]) for key in ("connect", "read", "write", "status", "timeout")),
+        requests=wrk.requests,
+        rps=wrk.rps,
+        p50_ms=wrk.p50_ms,
+        p99_ms=wrk.p99_ms,
+        errors=wrk.errors,
         service_cpu_us=(cpu_seconds(service_pid) - service_before) / requests * 1e6 if service_pid else None,
         goatcounter_cpu_us=(cpu_seconds(gc_pid) - gc_before) / requests * 1e6,
     )
@@ -491,21 +410,13 @@ def load(
 
 
 @dataclass
-class DownloadResult:
+class DownloadResult(Throughput):
     label: str
     seconds: list[float]
     size: int
     rss_before_kib: int | None = None
     rss_peak_kib: int | None = None
     rss_method: str = ""
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.size / 1e6 / self.median_s
 
 
 def time_downloads(
@@ -641,16 +552,6 @@ class Report:
     calls: list[CallsResult] = field(default_factory=list)
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in ("goatcounter-exports", "starlette", "uvicorn", "aiohttp", "mcp", "httpx2"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found[name] = metadata.version(name)
-    banner = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10, check=False)
-    found["wrk"] = (banner.stdout or banner.stderr or "wrk ?").splitlines()[0].split(" [")[0].removeprefix("wrk ")
-    return found
-
-
 def check_same_export(service: Service, gc_port: int, export_id: int, direct_headers: Mapping[str, str]) -> None:
     direct = fetch(gc_port, f"/api/v0/export/{export_id}", direct_headers, keep=True)
     ours = fetch(service.rest_port, f"/v1/export/{export_id}", {}, keep=True)
@@ -677,7 +578,7 @@ def run(settings: Settings, out: IO[str]) -> int:
         placement = f"service pinned to CPU {service_cpu}; GoatCounter, wrk and this driver on CPUs {sorted(others)}"
     else:
         placement = f"no pinning ({len(cpus)} CPUs shared by the service, GoatCounter, wrk and this driver)"
-    report = Report(dt.datetime.now(dt.UTC), settings, placement, versions())
+    report = Report(dt.datetime.now(dt.UTC), settings, placement, versions(VERSIONED_PACKAGES))
     print(f"# goatcounter-exports service benchmark, {report.started:%Y-%m-%d %H:%M} UTC", file=out, flush=True)
     binary = find_binary()
 
@@ -736,7 +637,7 @@ def run(settings: Settings, out: IO[str]) -> int:
                     sequential_calls(service, gc.base, gc.export_key, report.export, settings.calls)
                 )
                 if service.process.poll() is not None:
-                    raise BenchError(f"the service exited during the run:\n{tail(service.log)}")
+                    raise BenchError(f"the service exited during the run:\n{log_tail(service.log)}")
     print(file=out)
     print(render(report), file=out)
     print(f"\n(took {(dt.datetime.now(dt.UTC) - report.started).total_seconds():.0f} s)", file=out)
@@ -811,23 +712,9 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(list(sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
-    signal.signal(signal.SIGTERM, _stop_on_signal)
-    signal.signal(signal.SIGHUP, _stop_on_signal)
-    try:
-        return run(settings, sys.stdout)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process this benchmark started has been stopped", file=sys.stderr)
-        return 130
-    except BenchError as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
+    return run_guarded(lambda: run(settings, sys.stdout))
 
 
 if __name__ == "__main__":

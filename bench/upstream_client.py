@@ -53,13 +53,29 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Protocol
+
+# The script runs as a file, so its own folder is normally first on sys.path already; not with -P/PYTHONSAFEPATH.
+# The child roles re-run this file the same way, so they find the module too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import (
+    LOOPBACK,
+    WRK_REPORT_LUA,
+    BenchError,
+    PeakRss,
+    Throughput,
+    WrkRun,
+    check_bounds,
+    cpu_seconds,
+    run_guarded,
+    run_wrk,
+    tail,
+    versions,
+)
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-LOOPBACK = "127.0.0.1"
 CHUNK_SIZE = 64 * 1024  # what goatcounter_exports.upstream streams with
 POOL_SIZE = 100  # connections per client; more than wrk's connections, so no pool churns
 KEEPALIVE_S = 15.0
@@ -92,20 +108,7 @@ EXPORT_OBJECT: dict[str, object] = {
     "error": None,
 }
 
-WRK_LUA = r"""
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH {\"requests\":%.0f,\"duration_us\":%.0f,\"connect\":%.0f,\"read\":%.0f,\"write\":%.0f," ..
-    "\"status\":%.0f,\"timeout\":%.0f,\"p50_us\":%.0f,\"p90_us\":%.0f,\"p99_us\":%.0f,\"max_us\":%.0f}\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
-
-
-class BenchError(RuntimeError):
-    """A step of the benchmark failed; the message says which and why."""
+VERSIONED_PACKAGES = ("starlette", "uvicorn", "h11", "httptools", "uvloop", "aiohttp", "httpx", "httpcore", "httpx2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,13 +507,6 @@ def read_ready_line(process: subprocess.Popen[bytes], deadline: float) -> dict[s
     return info
 
 
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def stop_child(child: Child) -> None:
     process = child.process
     if process.poll() is None:
@@ -574,119 +570,13 @@ def check_small(port: int, upstream: dict[str, Any], what: str) -> None:
 
 
 @dataclass
-class WrkResult:
-    requests: int
-    seconds: float
-    rps: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-    errors: int
-
-
-def run_wrk(lua: Path, port: int, seconds: int, threads: int, connections: int) -> WrkResult:
-    command = [
-        "wrk",
-        f"--threads={threads}",
-        f"--connections={connections}",
-        f"--duration={seconds}s",
-        "--timeout=5s",
-        f"--script={lua}",
-        f"http://{LOOPBACK}:{port}/small",
-    ]
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        out, err = process.communicate(timeout=seconds + 30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=CHILD_STOP_TIMEOUT_S)
-    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("BENCH ")]
-    if process.returncode != 0 or not lines:
-        raise BenchError(f"wrk failed ({process.returncode}): {err.decode(errors='replace')[-500:]}")
-    raw = json.loads(lines[-1].removeprefix("BENCH "))
-    elapsed = raw["duration_us"] / 1e6
-    errors = sum(int(raw[key]) for key in ("connect", "read", "write", "status", "timeout"))
-    return WrkResult(
-        requests=int(raw["requests"]),
-        seconds=elapsed,
-        rps=raw["requests"] / elapsed if elapsed > 0 else 0.0,
-        p50_ms=raw["p50_us"] / 1000,
-        p90_ms=raw["p90_us"] / 1000,
-        p99_ms=raw["p99_us"] / 1000,
-        max_ms=raw["max_us"] / 1000,
-        errors=errors,
-    )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise BenchError(f"/proc/{pid}/status has no {key}")
-
-
-class PeakRss:
-    """Peak resident memory of a process during a block: the kernel's high-water mark, reset at entry
-    (/proc/PID/clear_refs), and a 5 ms sampler as a fallback and a cross-check."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.before_kib = 0
-        self.peak_kib = 0
-        self.method = "sampled"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
-
-    def _sample(self) -> None:
-        deadline = time.monotonic() + 600
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            with contextlib.suppress(OSError, BenchError):
-                self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmRSS"))
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> PeakRss:
-        self.before_kib = self.peak_kib = status_kib(self.pid, "VmRSS")
-        try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-            self.method = "VmHWM"
-        except OSError:
-            self.method = "sampled"
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self.method == "VmHWM":
-            self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmHWM"))
-
-
-@dataclass
-class BigResult:
+class BigResult(Throughput):
     seconds: list[float]
     size: int
     rss_before_kib: int | None = None  # proxy RSS just before the first /big
     rss_peak_kib: int | None = None  # peak proxy RSS during the N /big downloads
     rss_extra_4x_kib: int | None = None  # how much higher the peak went while streaming a body 4x as large
     rss_method: str = ""
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.size / 1e6 / self.median_s
 
 
 def download(port: int, path: str, upstream: dict[str, Any], sink: bytearray) -> float:
@@ -720,7 +610,7 @@ def time_downloads(port: int, pid: int | None, count: int, upstream: dict[str, A
 class Measurement:
     target: str
     round: int
-    small: WrkResult
+    small: WrkRun
     cpu_us_per_request: float | None
     big: BigResult
     server: dict[str, Any] = field(default_factory=dict)
@@ -747,24 +637,14 @@ def measure(
     target: str, round_no: int, port: int, pid: int | None, settings: Settings, lua: Path, upstream: dict[str, Any]
 ) -> Measurement:
     check_small(port, upstream, target)
+    url, threads, connections = f"http://{LOOPBACK}:{port}/small", settings.threads, settings.connections
     if settings.warmup:
-        run_wrk(lua, port, settings.warmup, settings.threads, settings.connections)
+        run_wrk(url, lua, settings.warmup, threads, connections, new_session=True)
     cpu_before = cpu_seconds(pid) if pid else 0.0
-    small = run_wrk(lua, port, settings.duration, settings.threads, settings.connections)
+    small = run_wrk(url, lua, settings.duration, threads, connections, new_session=True)
     cpu_per_request = (cpu_seconds(pid) - cpu_before) / small.requests * 1e6 if pid and small.requests else None
     big = time_downloads(port, pid, settings.big_count, upstream)
     return Measurement(target, round_no, small, cpu_per_request, big)
-
-
-def versions() -> dict[str, str]:
-    found: dict[str, str] = {"python": platform.python_version()}
-    for name in ("starlette", "uvicorn", "h11", "httptools", "uvloop", "aiohttp", "httpx", "httpcore", "httpx2"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found[name] = importlib.metadata.version(name)
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10, check=False)
-    banner = (wrk.stdout or wrk.stderr or "wrk ?").splitlines()[0]  # "wrk debian/4.1.0-3+b2 [epoll] Copyright ..."
-    found["wrk"] = banner.split(" [")[0].removeprefix("wrk ")
-    return found
 
 
 def cpu_model() -> str:
@@ -925,20 +805,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "big_mb": (0.1, 100),
         "rounds": (1, 5),
     }
-    for name, (low, high) in bounds.items():
-        if not low <= getattr(args, name) <= high:
-            parser.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
-    if args.threads > args.connections:
-        parser.error("--threads must not exceed --connections")
+    check_bounds(parser, args, bounds)
     args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     unknown = sorted(set(args.clients) - set(ALL_CLIENTS))
     if unknown or not args.clients:
         parser.error(f"unknown clients {unknown}; choose from {', '.join(ALL_CLIENTS)}")
     return args
-
-
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(args: argparse.Namespace, out: IO[str]) -> int:
@@ -972,7 +844,7 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
         placement = f"no pinning ({len(cpus)} CPUs shared by proxy, upstream, wrk and driver)"
 
     started = dt.datetime.now(dt.UTC)
-    found = versions()
+    found = versions(VERSIONED_PACKAGES)
     print(f"# upstream client benchmark, {started:%Y-%m-%d %H:%M} UTC", file=out)
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; {placement}", file=out)
     print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items()), file=out)
@@ -987,7 +859,7 @@ def run(args: argparse.Namespace, out: IO[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-upstream-client-") as tmp:
         workdir = Path(tmp)
         lua = workdir / "report.lua"
-        lua.write_text(WRK_LUA)
+        lua.write_text(WRK_REPORT_LUA)
         with running_child("upstream", ["_upstream", f"--big-mb={settings.big_mb}"], workdir) as upstream:
             base = f"http://{LOOPBACK}:{upstream.port}"
             targets = [DIRECT, *([STATIC] if settings.static else []), *settings.clients]
@@ -1047,17 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         child_main(argv[0], argv[1:])
         return 0
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
-    signal.signal(signal.SIGTERM, _stop_on_signal)
-    signal.signal(signal.SIGHUP, _stop_on_signal)
-    try:
-        return run(args, sys.stdout)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process this benchmark started has been stopped", file=sys.stderr)
-        return 130
-    except BenchError as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
+    return run_guarded(lambda: run(args, sys.stdout))
 
 
 if __name__ == "__main__":
