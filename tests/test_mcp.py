@@ -239,7 +239,7 @@ def test_download_before_finished_is_a_normal_result_and_a_deleted_file_an_error
             return early, info, gone
 
     with LocalGoatCounter(find_binary(), tmp_path / "big") as big:
-        big.seed([f"/bulk-{i}" for i in range(5200)])  # two 5000-row batches, with GoatCounter's pause between
+        big.seed([f"/bulk-{i}" for i in range(10_200)])  # three batches: GoatCounter pauses 0.5 s after each full one
         with running(SERVE, service_env(big, tmp_path / "state")) as service:
             early, info, gone = asyncio.run(scenario(service.mcp))
     assert not early.is_error
