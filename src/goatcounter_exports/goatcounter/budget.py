@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any
 from ..runtime import Answered, CallContext
 from ..spec.resolve import Target
 from ..upstream import NOT_JSON, UpstreamRequest, UpstreamResponse, parse_json
-from .state import StateStore, budget_host
+from .state import RECENT_EXPORT_SECONDS, StateStore, budget_host
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
-
-RECENT = 24 * 3600  # exports are kept a day: older ones are of no use to point at
 
 
 def _int(value: str | None) -> int | None:
@@ -53,7 +51,7 @@ class ExportBudget:
         if budget is None or not budget.exhausted(now):
             return
         wait = budget.retry_after(now)
-        recent = self.state.latest_export(api_uri, since=now - RECENT)
+        recent = self.state.latest_export(api_uri, since=now - RECENT_EXPORT_SECONDS)
         document: dict[str, Any] = {
             "error": f"the export budget of {budget_host(api_uri)} is spent ({budget.limit} per window); "
             f"try again in {wait} seconds. Nothing was sent to GoatCounter."

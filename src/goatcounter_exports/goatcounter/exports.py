@@ -29,7 +29,8 @@ class ExportOps:
     download: Target
 
 
-def _shape(target: Target) -> str | None:
+def export_shape(target: Target) -> str | None:
+    """ "create", "get" or "download" for the export operations; None for anything else."""
     path = target.path.rstrip("/")
     if target.method == "POST" and path.endswith("/export"):
         return "create"
@@ -40,16 +41,11 @@ def _shape(target: Target) -> str | None:
     return None
 
 
-def export_shape(target: Target) -> str | None:
-    """ "create", "get" or "download" for the export operations; None for anything else."""
-    return _shape(target)
-
-
 def find_ops(runtime: Runtime, namespace: str) -> ExportOps:
     found: dict[str, Target] = {}
     for ref, target in runtime.resolution.targets.items():
         if target.consumes.namespace == namespace and ref.count(".") == 1:
-            shape = _shape(target)
+            shape = export_shape(target)
             if shape:
                 found.setdefault(shape, target)
     missing = {"create", "get", "download"} - set(found)

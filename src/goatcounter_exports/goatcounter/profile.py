@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 from . import tools
 from .budget import ExportBudget
+from .exports import export_shape
 from .state import StateStore
 from .versions import API_PATH, CreateBodyStyle
 
@@ -65,7 +66,7 @@ def is_goatcounter(consumes: Consumes) -> bool:
 
 
 def is_create_export(target: Target) -> bool:
-    return target.method == "POST" and target.path.rstrip("/").endswith("/export")
+    return export_shape(target) == "create"
 
 
 def site_api_url(site_url: str, variable: str = SITE_URL_VARIABLE) -> str:
@@ -211,7 +212,7 @@ def openapi_responses(binding: Binding) -> dict[str, Any] | None:
         return None
     if is_create_export(target):
         return {"202": _json("Export started.", EXPORT_REF), **AUTH_RESPONSES}
-    if target.path.rstrip("/").endswith("/download"):
+    if export_shape(target) == "download":
         return {
             "200": {
                 "description": "The export file: gzip-compressed CSV, or plain CSV when Accept prefers text/csv.",

@@ -36,6 +36,9 @@ create table if not exists budgets (
 """
 
 
+RECENT_EXPORT_SECONDS = 24 * 3600  # GoatCounter keeps export files a day: older ones are of no use
+
+
 def budget_host(api_uri: str) -> str:
     """The rate-limit domain: `*.goatcounter.com` is one server, anything else its own host:port."""
     netloc = urlsplit(api_uri).netloc.rpartition("@")[2].lower()

@@ -26,12 +26,11 @@ from ..outcome import read_answer
 from ..runtime import Runtime
 from .csvfile import hash_matches, split_header
 from .exports import ExportOps, find_ops, get_export, id_values, state
-from .state import StateStore
+from .state import RECENT_EXPORT_SECONDS, StateStore
 
 Progress = Callable[[str, float, float | None], Awaitable[None]]  # (stage, done, total)
 FIRST_POLL = 0.25
 MAX_POLL = 5.0
-RECENT = 24 * 3600
 
 
 class WaitTimeout(ExportError):
@@ -67,7 +66,7 @@ class ExportJob:
         covering the same range. Returns (export, reused)."""
         budget = self.state.budget(self.api_uri) if self.state else None
         if self.state and budget and budget.exhausted(time.time()):
-            recent = self.state.latest_export(self.api_uri, since=time.time() - RECENT, start=start)
+            recent = self.state.latest_export(self.api_uri, since=time.time() - RECENT_EXPORT_SECONDS, start=start)
             if recent is not None:
                 export = await get_export(self.runtime, self.ops, recent.export_id)
                 if state(export) != "failed":
