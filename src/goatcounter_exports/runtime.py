@@ -115,6 +115,7 @@ class Runtime:
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
         self._validators: dict[tuple[str, str], jsonschema.Draft202012Validator] = {}
         self._base_uris = {c.namespace: self._base_uri(c) for c in spec.capability.consumes}
+        self._binds = {b.namespace: b.keys for b in spec.all_binds}  # templates look here on every request
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -285,7 +286,7 @@ class Runtime:
         return (self.settings.base_uri_override(consumes.namespace) or consumes.base_uri).rstrip("/")
 
     def _lookup(self, name: str, inputs: Mapping[str, Any], binding: Binding | None) -> str:
-        binds = {b.namespace: b.keys for b in self.spec.all_binds}
+        binds = self._binds
         namespaces = {*binds, "rest", "tools", *([binding.namespace] if binding else [])}
         namespace, variable = ex.split_dotted(name, namespaces)
         if namespace in binds or namespace is None:

@@ -16,6 +16,7 @@ from ..outcome import read_answer
 from ..runtime import Runtime
 from ..spec.expressions import path_placeholders
 from ..spec.resolve import Target
+from ..upstream import UpstreamResponse
 from .csvfile import hash_matches, iter_records, split_header
 
 DEFAULT_PAGE_ROWS = 100
@@ -91,6 +92,13 @@ async def get_export(runtime: Runtime, ops: ExportOps, export_id: int) -> dict[s
     return document
 
 
+async def refusal(response: UpstreamResponse, default: str = "the export file is not ready") -> ApiError:
+    """Why a download answered something other than the file: GoatCounter's message (raises for 4xx)."""
+    document = await read_answer(response)
+    message = document.get("error") if isinstance(document, dict) else None
+    return ApiError(response.status, str(message or default))
+
+
 @dataclass(frozen=True)
 class CsvPage:
     export_id: int
@@ -132,11 +140,13 @@ async def read_page(
     total = 0
     async with runtime.call_target(ops.download, id_values(ops.download, export_id)) as response:
         if response.status != 200:
-            document = await read_answer(response)  # raises for 4xx
-            message = document.get("error") if isinstance(document, dict) else None
-            if response.status == 202:
-                return NotReady(export_id, str(message or "still being generated"))
-            raise ApiError(response.status, str(message or "unexpected answer to download"))
+            ready_later = response.status == 202
+            refused = await refusal(
+                response, "still being generated" if ready_later else "unexpected answer to download"
+            )
+            if ready_later:
+                return NotReady(export_id, refused.message)
+            raise refused
         async for record in iter_records(response.chunks(), digest):
             if not columns:
                 version, columns = split_header(record)

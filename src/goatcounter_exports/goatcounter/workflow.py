@@ -25,7 +25,7 @@ from ..gzipstream import TruncatedGzip, gunzip
 from ..outcome import read_answer
 from ..runtime import Runtime
 from .csvfile import hash_matches, split_header
-from .exports import ExportOps, find_ops, get_export, id_values, state
+from .exports import ExportOps, find_ops, get_export, id_values, refusal, state
 from .state import RECENT_EXPORT_SECONDS, StateStore
 
 Progress = Callable[[str, float, float | None], Awaitable[None]]  # (stage, done, total)
@@ -105,9 +105,7 @@ class ExportJob:
         total = float(export["size"]) * 1024 * 1024 if export.get("size") else None
         async with self.runtime.call_target(self.ops.download, id_values(self.ops.download, int(export["id"]))) as r:
             if r.status != 200:
-                document = await read_answer(r)
-                message = document.get("error") if isinstance(document, dict) else None
-                raise ApiError(r.status, str(message or "the export file is not ready"))
+                raise await refusal(r)
             async for chunk in r.chunks():
                 digest.update(chunk)
                 size += len(chunk)
