@@ -8,7 +8,7 @@ never reach these models: `spec.loader` refuses them first, with their path.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -176,10 +176,3 @@ class Spec(Model):
     @property
     def mcp_exposes(self) -> tuple[McpExpose, ...]:
         return tuple(e for e in self.capability.exposes if isinstance(e, McpExpose))
-
-    def consumes_named(self, namespace: str) -> Consumes | None:
-        return next((c for c in self.capability.consumes if c.namespace == namespace), None)
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(by_alias=True, exclude_none=True)
