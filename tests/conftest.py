@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
+from goatcounter_exports.testbed import LocalGoatCounter
 
-from .support import SERVE, Service, clean_env, start_service
+from .support import SERVE, Service, clean_env, goatcounter_binary, start_service
 
 # Known pageviews: 30 paths, some repeated, so counts per path are checkable.
 SEEDED_PATHS = [f"/page-{i % 12}" for i in range(30)]
@@ -17,7 +17,7 @@ SEEDED_PATHS = [f"/page-{i % 12}" for i in range(30)]
 
 @pytest.fixture(scope="session")
 def goatcounter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGoatCounter]:
-    instance = LocalGoatCounter(find_binary(), tmp_path_factory.mktemp("goatcounter"))
+    instance = LocalGoatCounter(goatcounter_binary(), tmp_path_factory.mktemp("goatcounter"))
     instance.start()
     try:
         instance.seed(SEEDED_PATHS)

@@ -17,12 +17,22 @@ from typing import Any
 
 import httpx
 
+from goatcounter_exports.settings import default_cache_dir
+from goatcounter_exports.testbed import BINARY_NAME, find_binary
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-SCHEMA = SHARED / "naftiko" / "naftiko-schema-1.0.0-alpha2.json"
-SEED = SHARED / "seed" / "goatcounter-exports.yaml"
+PACKAGE = ROOT / "src" / "goatcounter_exports"
+# The bundled capability (the seed, byte for byte) and official schema are the test inputs: the suite
+# needs nothing outside the repository. test_spec.py pins both by their SHA-256.
+SEED = PACKAGE / "capabilities" / "goatcounter-exports.yaml"
+SCHEMA = PACKAGE / "spec" / "naftiko-schema-1.0.0-alpha2.json"
 CLI = [sys.executable, "-m", "goatcounter_exports"]
 SERVE = ["serve", "--rest-port", "0", "--mcp-port", "0"]  # any free ports: tests run beside a real service
+
+
+def goatcounter_binary(name: str = BINARY_NAME) -> Path:
+    """The GoatCounter that scripts/install-goatcounter installed (`main` builds MAIN_BINARY_NAME)."""
+    return find_binary(cache_dir=default_cache_dir(os.environ), name=name)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

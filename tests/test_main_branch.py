@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from goatcounter_exports.goatcounter.local import MAIN_BINARY_NAME, MAIN_COMMIT, LocalGoatCounter, find_binary
+from goatcounter_exports.testbed import MAIN_BINARY_NAME, MAIN_COMMIT, LocalGoatCounter
 
 from .conftest import service_env
-from .support import ROOT, SERVE, RecordingProxy, poll_export, running
+from .support import ROOT, SERVE, RecordingProxy, goatcounter_binary, poll_export, running
 
 pytestmark = pytest.mark.main_branch
 
@@ -32,7 +32,7 @@ MAIN_PATHS = [f"/main-{i % 5}" for i in range(12)]
 
 @pytest.fixture(scope="module")
 def goatcounter_main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGoatCounter]:
-    instance = LocalGoatCounter(find_binary(name=MAIN_BINARY_NAME), tmp_path_factory.mktemp("goatcounter-main"))
+    instance = LocalGoatCounter(goatcounter_binary(MAIN_BINARY_NAME), tmp_path_factory.mktemp("goatcounter-main"))
     instance.start()
     try:
         # main answers 404 {"error":"not found"} to the first request made with a never-used token

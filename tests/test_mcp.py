@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from goatcounter_exports.goatcounter.local import LocalGoatCounter
+from goatcounter_exports.testbed import LocalGoatCounter
 from mcp import Client, StdioServerParameters
 
 from .conftest import SEEDED_PATHS, service_env
-from .support import SERVE, RecordingProxy, Service, call_tool, running
+from .support import SERVE, RecordingProxy, Service, call_tool, goatcounter_binary, running
 
 SEED_TOOLS = {"create-csv-export", "get-export-info", "download-export"}
 EXPECTED_TOOLS = {*SEED_TOOLS, "export-pageviews", "pageview-stats"}
@@ -221,7 +221,6 @@ def test_bad_key_and_missing_permission_are_errors_with_advice(goatcounter: Loca
 
 
 def test_download_before_finished_is_a_normal_result_and_a_deleted_file_an_error(tmp_path: Path) -> None:
-    from goatcounter_exports.goatcounter.local import find_binary
 
     async def scenario(url: str) -> tuple[Any, Any, Any]:
         async with Client(url) as client:
@@ -238,7 +237,7 @@ def test_download_before_finished_is_a_normal_result_and_a_deleted_file_an_error
             gone = await client.call_tool("download-export", {"id": export_id})
             return early, info, gone
 
-    with LocalGoatCounter(find_binary(), tmp_path / "big") as big:
+    with LocalGoatCounter(goatcounter_binary(), tmp_path / "big") as big:
         big.seed([f"/bulk-{i}" for i in range(10_200)])  # three batches: GoatCounter pauses 0.5 s after each full one
         with running(SERVE, service_env(big, tmp_path / "state")) as service:
             early, info, gone = asyncio.run(scenario(service.mcp))

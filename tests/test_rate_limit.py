@@ -9,15 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
+from goatcounter_exports.testbed import LocalGoatCounter
 
 from .conftest import service_env
-from .support import SERVE, RecordingProxy, call_tool, running
+from .support import SERVE, RecordingProxy, call_tool, goatcounter_binary, running
 
 
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[LocalGoatCounter]:
-    instance = LocalGoatCounter(find_binary(), tmp_path / "limited", ratelimit=None)
+    instance = LocalGoatCounter(goatcounter_binary(), tmp_path / "limited", ratelimit=None)
     with instance:
         instance.seed(["/a", "/b"])
         yield instance

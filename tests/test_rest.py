@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
+from goatcounter_exports.testbed import LocalGoatCounter
 
 from .conftest import SEEDED_PATHS, service_env
-from .support import SERVE, RecordingProxy, Service, free_port, poll_export, running, silent_server
+from .support import SERVE, RecordingProxy, Service, free_port, goatcounter_binary, poll_export, running, silent_server
 
 CSV_HEADER = (
     "2Path,Title,Event,UserAgent,Browser,System,Session,Bot,Referrer,Referrer scheme,Screen size,Location,"
@@ -181,7 +181,7 @@ def test_token_without_export_permission_is_403(goatcounter: LocalGoatCounter, t
 
 def test_download_before_finished_is_202(tmp_path: Path) -> None:
     """An export of more than one 5000-row batch pauses between batches: asked at once, it is not ready."""
-    big = LocalGoatCounter(find_binary(), tmp_path / "big")
+    big = LocalGoatCounter(goatcounter_binary(), tmp_path / "big")
     big.start()
     try:
         big.seed([f"/bulk-{i}" for i in range(10_200)])  # three batches: two 0.5 s pauses to catch it running

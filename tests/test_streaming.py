@@ -1,10 +1,14 @@
 """The download is streamed through, never buffered: proven with an upstream that holds back the end of
 a large file until the client has already received its beginning (GoatCounter cannot be made to pause
-mid-file, so this one upstream is a stand-in, on a real socket), and by the service's memory."""
+mid-file, so this one upstream is a stand-in, on a real socket), and by the service's memory. The same
+stand-in serves a file that does not match its export's hash, which GoatCounter cannot be made to do
+while a download is running."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,15 +27,28 @@ PAYLOAD = gzip.compress(CSV, compresslevel=1)
 HOLD_AFTER = len(PAYLOAD) // 4
 
 
+PAYLOAD_HASH = "sha256-" + hashlib.sha256(PAYLOAD).hexdigest()
+
+
 class SlowFile(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     release = threading.Event()
     held = threading.Event()
+    export_hash = PAYLOAD_HASH
 
     def log_message(self, format: str, *args: object) -> None:
         return
 
     def do_GET(self) -> None:
+        if self.path == "/api/v0/export/1":  # the export object, finished, as GoatCounter gives it
+            export = {"id": 1, "finished_at": "2026-11-26T09:03:33Z", "num_rows": ROWS, "hash": SlowFile.export_hash}
+            body = json.dumps(export).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if not self.path.endswith("/download"):
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -53,6 +70,7 @@ class SlowFile(BaseHTTPRequestHandler):
 def slow_upstream() -> Iterator[str]:
     SlowFile.release.clear()
     SlowFile.held.clear()
+    SlowFile.export_hash = PAYLOAD_HASH
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowFile)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -100,3 +118,23 @@ def test_download_streams_in_constant_memory(slow_upstream: str, tmp_path: Path,
     assert total == size
     assert early > 0  # bytes reached the client while the upstream was still holding the rest back
     assert growth < 16 * 1024, f"peak memory grew by {growth} KiB for a {size // 1024} KiB body"
+
+
+@pytest.mark.parametrize("accept", ["application/gzip", "text/csv"])
+def test_a_file_that_does_not_match_its_hash_is_cut_short_never_delivered_whole(
+    slow_upstream: str, tmp_path: Path, accept: str
+) -> None:
+    SlowFile.export_hash = "sha256-" + hashlib.sha256(b"another file").hexdigest()
+    SlowFile.release.set()
+    env = clean_env(GOATCOUNTER_URL=slow_upstream, GOATCOUNTER_API_KEY="k", GOATCOUNTER_EXPORTS_STATE_DIR=str(tmp_path))
+    received = 0
+    with running(SERVE, env) as service:
+        url = f"{service.rest}/v1/export/1/download"
+        # The connection ends before the body does.
+        with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", url, headers={"Accept": accept}) as answer:
+            assert answer.status_code == 200
+            for chunk in answer.iter_raw(64 * 1024):
+                received += len(chunk)
+        output = service.output()
+    assert 0 < received < (len(PAYLOAD) if accept == "application/gzip" else len(CSV))
+    assert "does not match" in output  # and the operator is told why

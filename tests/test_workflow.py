@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from goatcounter_exports.errors import ExportError
-from goatcounter_exports.goatcounter.csvfile import RecordStream, split_header
-from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
+from goatcounter_exports.goatcounter.exportfile import RecordStream, split_header
+from goatcounter_exports.testbed import LocalGoatCounter
 from mcp import Client
 
 from .conftest import service_env
-from .support import SERVE, run_cli, running
+from .support import SERVE, goatcounter_binary, run_cli, running
 
 EXIT_RATE_LIMITED, EXIT_TIMEOUT, EXIT_INTEGRITY = 3, 5, 6
 
@@ -39,13 +39,13 @@ def synced_paths(database: Path) -> list[str]:
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[LocalGoatCounter]:
-    with LocalGoatCounter(find_binary(), tmp_path / "gc") as instance:
+    with LocalGoatCounter(goatcounter_binary(), tmp_path / "gc") as instance:
         yield instance
 
 
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[LocalGoatCounter]:
-    with LocalGoatCounter(find_binary(), tmp_path / "gc", ratelimit=None) as instance:
+    with LocalGoatCounter(goatcounter_binary(), tmp_path / "gc", ratelimit=None) as instance:
         instance.seed([f"/limited-{i}" for i in range(12)])
         yield instance
 
@@ -103,7 +103,7 @@ def test_export_exit_code_when_rate_limited(limited: LocalGoatCounter, tmp_path:
 
 
 def test_export_exit_code_on_timeout(tmp_path: Path) -> None:
-    with LocalGoatCounter(find_binary(), tmp_path / "big") as big:
+    with LocalGoatCounter(goatcounter_binary(), tmp_path / "big") as big:
         big.seed([f"/bulk-{i}" for i in range(5200)])  # two batches: GoatCounter pauses 0.5 s between them
         run = run_cli(["export", "-o", str(tmp_path / "x.csv"), "--timeout", "0.2"], service_env(big, tmp_path / "s"))
     assert run.returncode == EXIT_TIMEOUT, run.stderr
@@ -218,7 +218,7 @@ def test_stats_tool_refuses_anything_but_its_questions(fresh: LocalGoatCounter, 
 
 
 def test_hash_helper_matches_goatcounters_format() -> None:
-    from goatcounter_exports.goatcounter.csvfile import hash_matches
+    from goatcounter_exports.goatcounter.exportfile import hash_matches
 
     digest = hashlib.sha256(b"x").hexdigest()
     assert hash_matches("sha256-" + digest, digest) is True

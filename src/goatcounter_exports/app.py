@@ -1,16 +1,49 @@
-"""Wire a runtime to its adapters and serve them: the one place that knows all the pieces."""
+"""The composition root: the one place that builds the pieces and wires them together.
+
+`build_app(spec, settings)` is used by every command, the demo and the tests:
+
+    app = build_app(load_default(), settings)
+    async with app:                                  # opens the upstream client; closes it and the store
+        rest = app.rest_app()                        # Starlette ASGI app
+        server = app.mcp_server()                    # the SDK's low-level MCP server
+
+GoatCounter's knowledge is attached to each consumed namespace that is GoatCounter: the
+runtime gets its request `Extension`, the adapters get its hooks and tools. A spec that
+consumes something else is served by the generic parts alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from .adapters.mcp import create_mcp_server
-from .adapters.rest import create_rest_app
-from .runtime import Runtime
+from .adapters.openapi import OpenApiHooks
+from .adapters.rest import RestHooks, create_rest_app
+from .adapters.tools import SpecTools, ToolProvider
+from .errors import SpecError
+from .goatcounter.budget import ExportBudget
+from .goatcounter.exportfile import ExportReader
+from .goatcounter.exports import ExportOps
+from .goatcounter.openapi import GoatCounterOpenApi
+from .goatcounter.profile import GoatCounterProfile, is_goatcounter, site_api_url
+from .goatcounter.rest import GoatCounterRest
+from .goatcounter.store import STATE_FILE, StateStore
+from .goatcounter.tools import GoatCounterTools
+from .goatcounter.workflow import ExportJob
+from .progress import Progress, no_progress
+from .runtime import Extension, Runtime
 from .server import Listener, bind, run_listeners
+from .settings import Settings
+from .spec import Spec
+from .upstream import UpstreamClient
 
 MCP_PATH = "/mcp"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -26,55 +59,148 @@ def transport_security(host: str, extra_hosts: tuple[str, ...]) -> TransportSecu
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
-def create_mcp_app(runtime: Runtime, namespace: str | None = None) -> ASGIApp:
-    server = create_mcp_server(runtime, namespace)
-    settings = runtime.settings
-    return server.streamable_http_app(
-        streamable_http_path=MCP_PATH,
-        transport_security=transport_security(settings.host, settings.allowed_hosts),
-        host=settings.host,
-    )
+@dataclass
+class GoatCounterParts:
+    """What one GoatCounter namespace brings: its reader and each adapter's hooks."""
+
+    namespace: str
+    reader: ExportReader
+    rest: GoatCounterRest
+    openapi: GoatCounterOpenApi
+    store: StateStore
+
+    def job(self, progress: Progress = no_progress) -> ExportJob:
+        return ExportJob(self.reader, self.store, progress)
 
 
-def listeners(runtime: Runtime, *, rest: bool = True, mcp: bool = True) -> list[Listener]:
-    """One listener per exposed adapter the spec declares, on the ports settings or the spec give."""
-    settings = runtime.settings
-    result = []
-    for expose in runtime.spec.rest_exposes[:1] if rest else ():
-        port = settings.rest_port if settings.rest_port is not None else expose.port
-        result.append(Listener("REST", create_rest_app(runtime, expose.namespace), settings.host, port, "/"))
-    for mcp_expose in runtime.spec.mcp_exposes[:1] if mcp else ():
-        if mcp_expose.transport != "http" and settings.mcp_port is None:
-            continue
-        port = settings.mcp_port if settings.mcp_port is not None else (mcp_expose.port or 9090)
-        app = create_mcp_app(runtime, mcp_expose.namespace)
-        result.append(Listener("MCP", app, settings.host, port, MCP_PATH))
+@dataclass
+class App:
+    spec: Spec
+    settings: Settings
+    runtime: Runtime
+    store: StateStore
+    goatcounter: dict[str, GoatCounterParts] = field(default_factory=dict)
+
+    async def __aenter__(self) -> App:
+        await self.runtime.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.runtime.__aexit__(*exc)
+        finally:
+            self.store.close()
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def rest_app(self, namespace: str | None = None) -> Starlette:
+        hooks: dict[str, RestHooks] = {ns: parts.rest for ns, parts in self.goatcounter.items()}
+        openapi: dict[str, OpenApiHooks] = {ns: parts.openapi for ns, parts in self.goatcounter.items()}
+        return create_rest_app(
+            self.runtime, namespace, hooks=hooks, openapi_hooks=openapi, max_body_bytes=self.settings.max_body_bytes
+        )
+
+    def mcp_server(self, namespace: str | None = None) -> Server[Any]:
+        expose = next((e for e in self.spec.mcp_exposes if namespace in (None, e.namespace)), None)
+        bindings = self.runtime.bindings("mcp", expose.namespace) if expose else []
+        providers: list[ToolProvider] = []
+        for parts in self.goatcounter.values():
+            mine = [b for b in bindings if b.target.consumes.namespace == parts.namespace]
+            providers.append(GoatCounterTools(self.runtime, mine, parts.reader, parts.job, self.settings.database))
+        providers.append(SpecTools(self.runtime, bindings))
+        return create_mcp_server(
+            providers,
+            name=expose.namespace if expose else "goatcounter-exports",
+            title=self.spec.info.label or None,
+            instructions=expose.description if expose and expose.description else None,
+        )
+
+    def mcp_http_app(self, namespace: str | None = None) -> ASGIApp:
+        settings = self.settings
+        return self.mcp_server(namespace).streamable_http_app(
+            streamable_http_path=MCP_PATH,
+            transport_security=transport_security(settings.host, settings.allowed_hosts),
+            host=settings.host,
+        )
+
+    def listeners(self) -> list[Listener]:
+        """One listener per exposed adapter the spec declares, on the ports settings or the spec give."""
+        settings = self.settings
+        result = []
+        for expose in self.spec.rest_exposes[:1]:
+            port = settings.rest_port if settings.rest_port is not None else expose.port
+            result.append(Listener("REST", self.rest_app(expose.namespace), settings.host, port, "/"))
+        for mcp_expose in self.spec.mcp_exposes[:1]:
+            if mcp_expose.transport != "http" and settings.mcp_port is None:
+                continue
+            port = settings.mcp_port if settings.mcp_port is not None else (mcp_expose.port or 9090)
+            app = self.mcp_http_app(mcp_expose.namespace)
+            result.append(Listener("MCP", app, settings.host, port, MCP_PATH))
+        return result
+
+    # -- GoatCounter workflows ---------------------------------------------------------------
+
+    def export_job(self, progress: Progress = no_progress) -> ExportJob:
+        """The export job on the (first) GoatCounter the capability consumes."""
+        if not self.goatcounter:
+            raise SpecError("the capability consumes no GoatCounter API, so it has no export job")
+        return next(iter(self.goatcounter.values())).job(progress)
+
+    # -- serving -----------------------------------------------------------------------------
+
+    async def serve_forever(
+        self,
+        announce: Callable[[str], None] = print,
+        then: Callable[[list[Listener]], None] = lambda listeners: None,
+    ) -> None:
+        """Serve every adapter until Ctrl-C. Announces `REST  <url>` / `MCP   <url>` once all listen."""
+        found = self.listeners()
+        for listener in found:
+            bind(listener, "--rest-port" if listener.name == "REST" else "--mcp-port")
+
+        def started() -> None:
+            for listener in found:
+                announce(f"{listener.name:<5} {listener.url}")
+            then(found)
+
+        async with self:
+            await run_listeners(found, started)
+
+    async def serve_stdio(self) -> None:
+        """The MCP tools over stdin/stdout, for desktop clients that launch a command."""
+        server = self.mcp_server()
+        async with self, stdio_server() as (read_stream, write_stream):
+            await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
+def base_uris(spec: Spec, settings: Settings) -> dict[str, str]:
+    """Each consumed namespace's base URI when not the spec's: a flag or `<NS>_URL` first, then, for
+    GoatCounter, the site of GOATCOUNTER_URL."""
+    result = dict(settings.upstream_urls)
+    for consumes in spec.capability.consumes:
+        if consumes.namespace not in result and settings.site_url and is_goatcounter(consumes):
+            result[consumes.namespace] = site_api_url(settings.site_url)
     return result
 
 
-async def serve_forever(
-    runtime: Runtime,
-    announce: Callable[[str], None] = print,
-    then: Callable[[list[Listener]], None] = lambda listeners: None,
-) -> None:
-    """Serve every adapter until Ctrl-C. Announces `REST  <url>` / `MCP   <url>` once all listen."""
-    found = listeners(runtime)
-    for listener in found:
-        bind(listener, "--rest-port" if listener.name == "REST" else "--mcp-port")
-
-    def started() -> None:
-        for listener in found:
-            announce(f"{listener.name:<5} {listener.url}")
-        then(found)
-
-    async with runtime:
-        await run_listeners(found, started)
-
-
-async def serve_stdio(runtime: Runtime) -> None:
-    """The MCP tools over stdin/stdout, for desktop clients that launch a command."""
-    from mcp.server.stdio import stdio_server
-
-    server = create_mcp_server(runtime)
-    async with runtime, stdio_server() as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
+def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None = None) -> App:
+    """Every piece, built once. Raises ConfigError for a bound variable that is missing or unusable."""
+    client = client or UpstreamClient(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
+    store = StateStore(settings.state_dir / STATE_FILE)
+    gc_namespaces = [c.namespace for c in spec.capability.consumes if is_goatcounter(c)]
+    profile = GoatCounterProfile(ExportBudget(store))
+    extensions: dict[str, list[Extension]] = {namespace: [profile] for namespace in gc_namespaces}
+    runtime = Runtime(
+        spec, client=client, secrets=settings.secrets, base_uris=base_uris(spec, settings), extensions=extensions
+    )
+    app = App(spec, settings, runtime, store)
+    for namespace in gc_namespaces:
+        try:
+            ops = ExportOps.find(runtime, namespace)
+        except SpecError:
+            continue  # a GoatCounter API without the export operations: served generically
+        reader = ExportReader(runtime, ops)
+        app.goatcounter[namespace] = GoatCounterParts(
+            namespace, reader, GoatCounterRest(reader), GoatCounterOpenApi(), store
+        )
+    return app

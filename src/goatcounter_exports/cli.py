@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from . import __version__
-from .errors import ConfigError, GoatcounterExportsError, SpecError
-from .goatcounter.profile import GoatCounterProfile
-from .runtime import Runtime
+from .app import App, build_app
+from .demo import run_demo
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ApiError,
+    ConfigError,
+    GoatcounterExportsError,
+    IntegrityError,
+    RateLimited,
+    exit_code,
+)
+from .goatcounter.sync import sync as run_sync
+from .goatcounter.workflow import write_atomically
+from .progress import reporter
 from .settings import Settings, check_url
 from .spec import Spec, load_default, load_path
+from .spec.lint import lint_text, load_schema
+from .spec.loader import default_spec_text
 
-# Exit codes, documented in the README.
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # also click's code for bad flags
-EXIT_RATE_LIMITED = 3
-EXIT_UPSTREAM = 4
-EXIT_TIMEOUT = 5
-EXIT_INTEGRITY = 6
+T = TypeVar("T")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -32,11 +42,34 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
-def load_spec(path: str | None) -> Spec:
+def describe(error: GoatcounterExportsError) -> str:
+    """One line for a person: what went wrong, in the words of the exit code it comes with."""
+    if isinstance(error, RateLimited):
+        wait = f" Try again in {error.retry_after:.0f} seconds." if error.retry_after else ""
+        return f"rate limited: {error.message}.{wait}"
+    if isinstance(error, ApiError):
+        return f"GoatCounter answered {error.status}: {error.message}"
+    if isinstance(error, IntegrityError):
+        return f"integrity check failed: {error}; nothing was written"
+    return str(error)
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """Run a command's work; every error of ours becomes one `error:` line and its exit code."""
     try:
-        return load_path(path) if path else load_default()
-    except SpecError as exc:
-        fail(str(exc))
+        return action()
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+    except GoatcounterExportsError as exc:
+        fail(describe(exc), exit_code(exc))
+
+
+def run_async(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    guarded(lambda: asyncio.run(work()))
+
+
+def load_spec(path: str | None) -> Spec:
+    return guarded(lambda: load_path(path) if path else load_default())
 
 
 def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
@@ -52,8 +85,18 @@ def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
     return result
 
 
-def build_runtime(spec: Spec, settings: Settings) -> Runtime:
-    return Runtime(spec, settings, extensions=[GoatCounterProfile.for_settings(settings)])
+def make_settings(spec: Spec, **flags: Any) -> Settings:
+    """The only place the process environment is read."""
+    namespaces = [c.namespace for c in spec.capability.consumes]
+    return guarded(
+        lambda: Settings.from_environ(os.environ, namespaces=namespaces, bound=spec.bound_variables, **flags)
+    )
+
+
+def make_app(spec_path: str | None, **flags: Any) -> App:
+    spec = load_spec(spec_path)
+    settings = make_settings(spec, **flags)
+    return guarded(lambda: build_app(spec, settings))
 
 
 spec_option = click.option("--spec", "spec_path", type=click.Path(dir_okay=False), help="Capability document to serve.")
@@ -86,19 +129,15 @@ def serve(
     allowed_hosts: tuple[str, ...],
 ) -> None:
     """Serve the capability's REST and MCP adapters."""
-    spec = load_spec(spec_path)
-    settings = make_settings(
+    app = make_app(
+        spec_path,
         host=host,
         rest_port=rest_port,
         mcp_port=mcp_port,
-        base_uris=parse_upstreams(upstream),
+        upstream_urls=parse_upstreams(upstream),
         allowed_hosts=allowed_hosts or None,
     )
-    runtime = build_runtime(spec, settings)
-    guarded(lambda: runtime.check_bound_variables())
-    from .app import serve_forever
-
-    guarded(lambda: asyncio.run(serve_forever(runtime, announce=click.echo)))
+    run_async(lambda: app.serve_forever(announce=click.echo))
 
 
 @main.command()
@@ -106,9 +145,6 @@ def serve(
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True), help="JSON Schema (default: bundled alpha2).")
 def lint(spec_file: str | None, schema: str | None) -> None:
     """Check a capability document against the official schema and the runtime's rules."""
-    from .spec.lint import lint_text, load_schema
-    from .spec.loader import default_spec_text
-
     if spec_file:
         try:
             text, source = Path(spec_file).read_text("utf-8"), spec_file
@@ -130,12 +166,8 @@ def lint(spec_file: str | None, schema: str | None) -> None:
 @click.option("--stdio", is_flag=True, required=True, help="Serve MCP over stdin/stdout (for desktop clients).")
 def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool) -> None:
     """Serve the capability's MCP tools over stdio."""
-    spec = load_spec(spec_path)
-    runtime = build_runtime(spec, make_settings(base_uris=parse_upstreams(upstream)))
-    guarded(lambda: runtime.check_bound_variables())
-    from .app import serve_stdio
-
-    guarded(lambda: asyncio.run(serve_stdio(runtime)))
+    app = make_app(spec_path, upstream_urls=parse_upstreams(upstream))
+    run_async(app.serve_stdio)
 
 
 @main.command()
@@ -146,15 +178,9 @@ def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool) -> None:
 @click.option("--pageviews", type=click.IntRange(1, 100_000), default=300, show_default=True)
 def demo(spec_path: str | None, host: str, rest_port: int | None, mcp_port: int | None, pageviews: int) -> None:
     """Start a local GoatCounter with sample pageviews and serve REST and MCP against it."""
-    from .demo import run_demo
-    from .goatcounter.local import LocalGoatCounterError
-
     spec = load_spec(spec_path)
-    settings = make_settings(host=host, rest_port=rest_port, mcp_port=mcp_port)
-    try:
-        guarded(lambda: run_demo(spec, settings, click.echo, pageviews))
-    except LocalGoatCounterError as exc:
-        fail(str(exc), EXIT_FAILURE)
+    settings = make_settings(spec, host=host, rest_port=rest_port, mcp_port=mcp_port)  # its own site and key
+    guarded(lambda: run_demo(spec, settings, click.echo, pageviews))
 
 
 timeout_option = click.option(
@@ -170,24 +196,24 @@ timeout_option = click.option(
 @timeout_option
 def export(spec_path: str | None, output: Path | None, since_hit_id: int, keep_gzip: bool, timeout: float) -> None:
     """Create (or reuse) an export, wait for it, download it, verify it, and write it atomically."""
-    from .goatcounter.workflow import write_atomically
-
-    runtime, job, report = workflow_parts(spec_path)
+    app = make_app(spec_path)
+    report = reporter()
+    job = guarded(lambda: app.export_job(report))
 
     async def run() -> None:
-        async with runtime:
+        async with app:
             export, reused = await job.create_or_reuse(since_hit_id)
-            report.line(f"{'Reusing' if reused else 'Created'} export {export['id']} (hits after {since_hit_id})")
+            report.line(f"{'Reusing' if reused else 'Created'} export {export.id} (hits after {since_hit_id})")
             with report.live():
                 export = await job.wait(export, timeout)
-                target = output or Path(f"goatcounter-export-{export['id']}.csv" + (".gz" if keep_gzip else ""))
-                await write_atomically(job.file_chunks(export), target, decompress=not keep_gzip)
+                target = output or Path(f"goatcounter-export-{export.id}.csv" + (".gz" if keep_gzip else ""))
+                async with job.reader.open(export, report) as file:
+                    await write_atomically(file, target, decompress=not keep_gzip)
             report.line(
-                f"Wrote {target}: {export['num_rows']} rows, SHA-256 verified. "
-                f"Next: --since-hit-id {export['last_hit_id']}"
+                f"Wrote {target}: {export.num_rows} rows, SHA-256 verified. Next: --since-hit-id {export.last_hit_id}"
             )
 
-    run_workflow(run)
+    run_async(run)
 
 
 @main.command()
@@ -196,81 +222,19 @@ def export(spec_path: str | None, output: Path | None, since_hit_id: int, keep_g
 @timeout_option
 def sync(spec_path: str | None, database: Path | None, timeout: float) -> None:
     """Copy new pageviews into a local SQLite database; run again and again, e.g. from cron."""
-    from .goatcounter.sync import sync as run_sync
-
-    runtime, job, report = workflow_parts(spec_path)
-    target = database or runtime.settings.database
+    app = make_app(spec_path)
+    report = reporter()
+    job = guarded(lambda: app.export_job(report))
+    target = database or app.settings.database
 
     async def run() -> None:
-        async with runtime:
+        async with app:
             with report.live():
-                result = await run_sync(job, target, wait_seconds=timeout, environ=runtime.settings.environ)
+                result = await run_sync(job, target, wait_seconds=timeout, crash_at=app.settings.crash_at)
         how = "reused" if result.reused else "new"
         report.line(
             f"Synced {result.rows_added} pageviews ({how} export {result.export_id}, hits "
             f"{result.cursor_before} < id <= {result.cursor_after}) into {target}: {result.total_rows} in all."
         )
 
-    run_workflow(run)
-
-
-def workflow_parts(spec_path: str | None) -> tuple[Runtime, Any, Any]:
-    from .goatcounter.profile import STATE_FILE
-    from .goatcounter.state import StateStore
-    from .goatcounter.workflow import ExportJob
-    from .progress import reporter
-
-    spec = load_spec(spec_path)
-    settings = make_settings()
-    runtime = build_runtime(spec, settings)
-    guarded(lambda: runtime.check_bound_variables())
-    report = reporter()
-    try:
-        job = ExportJob.for_runtime(runtime, StateStore(settings.state_dir / STATE_FILE), report)
-    except SpecError as exc:
-        fail(str(exc))
-    return runtime, job, report
-
-
-def run_workflow(run: Callable[[], Any]) -> None:
-    """Run an export workflow; map its failures to the documented exit codes."""
-    from .errors import ApiError, ExportError, UpstreamError
-    from .goatcounter.workflow import IntegrityError, WaitTimeout
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written", 130)
-    except ApiError as exc:
-        if exc.status == 429:
-            wait = f" Try again in {exc.retry_after:.0f} seconds." if exc.retry_after else ""
-            fail(f"rate limited: {exc.message}.{wait}", EXIT_RATE_LIMITED)
-        fail(f"GoatCounter answered {exc.status}: {exc.message}", EXIT_UPSTREAM)
-    except UpstreamError as exc:
-        fail(str(exc), EXIT_UPSTREAM)
-    except WaitTimeout as exc:
-        fail(str(exc), EXIT_TIMEOUT)
-    except IntegrityError as exc:
-        fail(f"integrity check failed: {exc}; nothing was written", EXIT_INTEGRITY)
-    except ExportError as exc:
-        fail(str(exc), EXIT_UPSTREAM)
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def make_settings(**overrides: Any) -> Settings:
-    try:
-        return Settings.from_environ(**overrides)
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def guarded(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except ConfigError as exc:
-        fail(str(exc))
-    except GoatcounterExportsError as exc:
-        fail(str(exc), EXIT_FAILURE)
+    run_async(run)

@@ -13,13 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .app import serve_forever
-from .goatcounter.local import LocalGoatCounter, default_cache_dir, find_binary
-from .goatcounter.profile import GoatCounterProfile
-from .runtime import Runtime
+from .app import build_app
 from .server import Listener
 from .settings import Settings
 from .spec import Spec
+from .testbed import LocalGoatCounter, find_binary
 
 SAMPLE_PAGES = ["/", "/about", "/blog", "/blog/goats", "/blog/privacy", "/pricing", "/docs", "/docs/api", "/contact"]
 SAMPLE_REFERRERS = ["", "", "https://news.ycombinator.com", "https://duckduckgo.com", "https://example.org/links"]
@@ -41,19 +39,14 @@ def sample_pageviews(count: int, seed: int = 7) -> list[dict[str, Any]]:
 
 
 def run_demo(spec: Spec, settings: Settings, announce: Callable[[str], None], pageviews: int = 300) -> None:
-    binary = find_binary(cache_dir=default_cache_dir(settings.environ))
+    binary = find_binary(cache_dir=settings.cache_dir)
     with tempfile.TemporaryDirectory(prefix="goatcounter-demo-") as workdir:
         goatcounter = LocalGoatCounter(binary, Path(workdir))
         announce(f"Starting GoatCounter ({binary.name}) with a sample site ...")
         with goatcounter:
             goatcounter.seed(sample_pageviews(pageviews))
-            environ = {
-                **settings.environ,
-                "GOATCOUNTER_URL": goatcounter.url,
-                "GOATCOUNTER_API_KEY": goatcounter.export_key,
-            }
-            demo_settings = Settings(**{**settings.__dict__, "environ": environ})
-            runtime = Runtime(spec, demo_settings, extensions=[GoatCounterProfile.for_settings(demo_settings)])
+            secrets = {name: goatcounter.export_key for name in spec.bound_variables}
+            app = build_app(spec, settings.with_site(goatcounter.url, secrets))
 
             def explain(found: list[Listener]) -> None:
                 rest = next((f.url.rstrip("/") for f in found if f.name == "REST"), "http://127.0.0.1:8080")
@@ -67,4 +60,4 @@ def run_demo(spec: Spec, settings: Settings, announce: Callable[[str], None], pa
                 announce(f"  curl -s -H 'Accept: text/csv' {rest}/v1/export/1/download | head")
                 announce("Press Ctrl-C to stop the demo and its GoatCounter.")
 
-            asyncio.run(serve_forever(runtime, announce, explain))
+            asyncio.run(app.serve_forever(announce, explain))

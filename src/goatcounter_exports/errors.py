@@ -1,29 +1,52 @@
-"""Every error this package raises, under one base.
+"""Every error this package raises, under one base, and the one map from an error to what users see.
 
-    GoatcounterExportsError
-    ├── SpecError               the capability document cannot be served as written
-    ├── ConfigError             settings are missing or wrong (no key, bad URL)
-    ├── InputError              a caller's input was rejected before any upstream call
-    ├── UpstreamError           the upstream could not be asked or answered badly
-    │   ├── UpstreamUnreachable     connection refused, DNS failure, TLS failure
-    │   ├── UpstreamTimeout         connect or read timeout
-    │   └── UpstreamProtocolError   an answer we cannot use (oversized, undecodable)
-    ├── ApiError                the upstream answered with an error status (its own message kept)
-    └── ExportError             the GoatCounter export workflow failed (see goatcounter.exports)
+    GoatcounterExportsError         exit 1  HTTP 500
+    ├── SpecError                   exit 2  HTTP 500  the capability document cannot be served as written
+    ├── ConfigError                 exit 2  HTTP 500  settings are missing or wrong (no key, bad URL)
+    ├── InputError                  exit 2  HTTP 400  a caller's input, refused before any upstream call
+    ├── UpstreamError               exit 4  HTTP 502  the upstream could not be asked, or answered unusably
+    │   ├── UpstreamUnreachable             HTTP 502  connection refused, DNS or TLS failure
+    │   ├── UpstreamTimeout                 HTTP 504  connect or read timeout
+    │   └── UpstreamProtocolError           HTTP 502  an answer we cannot use (oversized, undecodable)
+    ├── ApiError                    exit 4  its own   the upstream refused a request (its message kept)
+    │   └── RateLimited             exit 3  HTTP 429  ... because of a rate limit (Retry-After kept)
+    ├── ExportError                 exit 4  HTTP 502  a GoatCounter export cannot be had
+    │   ├── ExportFailed                              GoatCounter's background job set `error`
+    │   ├── ExportDeleted                   HTTP 410  the file is gone (kept 24 hours)
+    │   ├── WaitTimeout             exit 5  HTTP 504  the export did not finish before the deadline
+    │   └── IntegrityError          exit 6  HTTP 502  hash mismatch, unknown format version, damaged file
+    ├── StateError                  exit 1  HTTP 503  the state store cannot be used (locked, read-only)
+    └── LocalGoatCounterError       exit 1            the local GoatCounter (tests, demo) failed
+        └── GoatCounterNotInstalled
 
-Adapters map these once each: REST to a JSON body and a status, MCP to an
-`isError` result, the CLI to an exit code. Messages never contain secrets.
+Each adapter maps errors once, through `exit_code` and `http_status` below: REST to a JSON body
+and a status, MCP to an `isError` result, the CLI to an exit code. Messages never contain secrets.
 """
 
 from __future__ import annotations
+
+# Exit codes of the command line, documented in the README.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # also click's code for bad flags
+EXIT_RATE_LIMITED = 3
+EXIT_UPSTREAM = 4
+EXIT_TIMEOUT = 5
+EXIT_INTEGRITY = 6
+EXIT_INTERRUPTED = 130
 
 
 class GoatcounterExportsError(Exception):
     """Base of every error raised by this package."""
 
+    exit_code = EXIT_FAILURE
+    http_status = 500
+
 
 class SpecError(GoatcounterExportsError):
     """The capability document is invalid or uses a feature the runtime does not implement."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, *, path: str = "", line: int | None = None, source: str = "") -> None:
         self.path = path
@@ -39,9 +62,14 @@ class SpecError(GoatcounterExportsError):
 class ConfigError(GoatcounterExportsError):
     """A required setting is missing or malformed."""
 
+    exit_code = EXIT_USAGE
+
 
 class InputError(GoatcounterExportsError):
     """Caller input failed validation; nothing was sent upstream."""
+
+    exit_code = EXIT_USAGE
+    http_status = 400
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field
@@ -51,7 +79,8 @@ class InputError(GoatcounterExportsError):
 class UpstreamError(GoatcounterExportsError):
     """The upstream API could not be reached or gave an unusable answer."""
 
-    status_code = 502
+    exit_code = EXIT_UPSTREAM
+    http_status = 502
 
     def __init__(self, message: str, *, host: str) -> None:
         self.host = host
@@ -59,26 +88,91 @@ class UpstreamError(GoatcounterExportsError):
 
 
 class UpstreamUnreachable(UpstreamError):
-    status_code = 502
+    pass
 
 
 class UpstreamTimeout(UpstreamError):
-    status_code = 504
+    http_status = 504
 
 
 class UpstreamProtocolError(UpstreamError):
-    status_code = 502
+    pass
 
 
 class ApiError(GoatcounterExportsError):
     """The upstream refused a request: its status, its message, and how long to wait when rate-limited."""
 
-    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
+    exit_code = EXIT_UPSTREAM
+
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None, local: bool = False) -> None:
         self.status = status
         self.message = message
         self.retry_after = retry_after
-        super().__init__(f"upstream answered {status}: {message}")
+        self.local = local  # refused here, on the upstream's behalf (a spent budget), with nothing sent
+        super().__init__(f"{'refused locally' if local else 'upstream answered'} {status}: {message}")
+
+    @staticmethod
+    def of(status: int, message: str, *, retry_after: float | None = None, local: bool = False) -> ApiError:
+        """The right class for an upstream refusal: `RateLimited` for a 429."""
+        kind = RateLimited if status == 429 else ApiError
+        return kind(status, message, retry_after=retry_after, local=local)
+
+
+class RateLimited(ApiError):
+    exit_code = EXIT_RATE_LIMITED
 
 
 class ExportError(GoatcounterExportsError):
-    """The export workflow (create, wait, download, verify) failed."""
+    """A GoatCounter export could not be created, finished, downloaded or read."""
+
+    exit_code = EXIT_UPSTREAM
+    http_status = 502
+
+
+class ExportFailed(ExportError):
+    """GoatCounter's background export job failed (the export's `error` field is set)."""
+
+
+class ExportDeleted(ExportError):
+    """The export's file is gone: GoatCounter keeps export files for 24 hours."""
+
+    http_status = 410
+
+
+class WaitTimeout(ExportError):
+    """The export did not finish before the deadline."""
+
+    exit_code = EXIT_TIMEOUT
+    http_status = 504
+
+
+class IntegrityError(ExportError):
+    """The file does not match the export's hash, is damaged or truncated, or has an unknown format version."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class StateError(GoatcounterExportsError):
+    """The local state store (the export budget, idempotency keys) cannot be read or written."""
+
+    http_status = 503
+
+
+class LocalGoatCounterError(GoatcounterExportsError):
+    """The local GoatCounter (the test bed, the demo) could not be installed, started or used."""
+
+
+class GoatCounterNotInstalled(LocalGoatCounterError):
+    """No GoatCounter binary was found."""
+
+
+def exit_code(error: BaseException) -> int:
+    """The command line's exit code for an error."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return error.exit_code if isinstance(error, GoatcounterExportsError) else EXIT_FAILURE
+
+
+def http_status(error: GoatcounterExportsError) -> int:
+    """The HTTP status REST answers for an error: an upstream refusal keeps the upstream's own status."""
+    return error.status if isinstance(error, ApiError) else error.http_status

@@ -1,25 +1,35 @@
-"""Progress for the CLI: a rich progress bar on a terminal, plain lines otherwise (cron, CI, pipes)."""
+"""Progress of long jobs: the one signature they report through, and the CLI's reporter for it.
+
+Workflows call `progress(stage, done, total)`; the MCP adapter turns that into progress
+notifications, and the CLI into a rich bar on a terminal, plain lines otherwise (cron, CI, pipes).
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from rich import progress as bar
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 PLAIN_EVERY = 2.0  # seconds between plain progress lines
+
+Progress = Callable[[str, float, float | None], Awaitable[None]]  # (stage, done, total)
+
+
+async def no_progress(stage: str, done: float, total: float | None) -> None:
+    return None
 
 
 class Reporter:
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
-        self._bar: Progress | None = None
-        self._tasks: dict[str, TaskID] = {}
+        self._bar: bar.Progress | None = None
+        self._tasks: dict[str, bar.TaskID] = {}
         self._last_line = 0.0
         self._last_stage = ""
 
@@ -48,9 +58,9 @@ class Reporter:
             yield self
             return
         console = Console(file=self.stream)
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            self._bar = bar
+        columns = (bar.TextColumn("{task.description}"), bar.BarColumn(), bar.DownloadColumn(), bar.TimeElapsedColumn())
+        with bar.Progress(*columns, console=console, transient=True) as live:
+            self._bar = live
             try:
                 yield self
             finally:

@@ -4,7 +4,8 @@ Adapters hand it raw inputs (path and query strings, tool arguments); it validat
 them against the binding's input schema, resolves `with`, fills the path, adds
 authentication from the spec's binds, lets extensions adjust the request, and
 sends it through the one `UpstreamClient`. It knows nothing of Starlette, MCP or
-GoatCounter: API-specific knowledge arrives as `Extension` objects.
+GoatCounter: API-specific knowledge of the request path arrives as `Extension`s,
+each for one consumed namespace. Adapters have hooks of their own (adapters/).
 """
 
 from __future__ import annotations
@@ -14,21 +15,15 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
-import jsonschema
-
-from .errors import ConfigError, InputError
-from .settings import Settings
+from .errors import ConfigError
 from .spec import expressions as ex
-from .spec.models import Authentication, Consumes, OutputParameter, Spec
+from .spec.models import Authentication, OutputParameter, Spec
 from .spec.resolve import AdapterInput, AdapterKind, Binding, Target, resolve
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
-
-if TYPE_CHECKING:
-    from .errors import ApiError
-    from .outcome import ExtraTool, Outcome, ToolSchema
+from .validation import Validator
 
 JSON_TYPES = {"string", "number", "integer", "boolean", "array", "object"}
 
@@ -40,30 +35,17 @@ class CallContext:
     idempotency_key: str | None = None
 
 
-class Answered(Exception):
-    """Raised by an extension's `prepare` to answer a call itself (a local 429, an idempotent replay)."""
-
-    def __init__(self, status: int, document: Any, headers: Mapping[str, str] | None = None) -> None:
-        self.status = status
-        self.document = document
-        self.headers = dict(headers or {})
-        super().__init__(status)
-
-
 class Extension(Protocol):
-    """API-specific knowledge plugged into the generic runtime (see goatcounter.profile)."""
-
-    def base_uri(self, consumes: Consumes, settings: Settings) -> str | None:
-        """A base URI for this consumed API from settings, or None to leave it to the generic rules."""
+    """Knowledge of one consumed API on the request path (see goatcounter.profile)."""
 
     def input_schema(self, binding: Binding, adapter_input: AdapterInput) -> dict[str, Any] | None:
         """Extra JSON Schema for one input (ranges, body fields), or None."""
 
     async def prepare(
         self, runtime: Runtime, target: Target, request: UpstreamRequest, context: CallContext
-    ) -> UpstreamRequest:
-        """Adjust a request just before it is sent (may ask the upstream first, e.g. its version).
-        Raise `Answered` to answer the call here instead of sending it."""
+    ) -> UpstreamRequest | UpstreamResponse:
+        """The request to send, adjusted (may ask the upstream first, e.g. its version); or an answer
+        made here instead of sending it (a local 429, an idempotent replay)."""
 
     async def observe(
         self,
@@ -75,47 +57,48 @@ class Extension(Protocol):
     ) -> None:
         """Look at an upstream answer before the adapter gets it (e.g. to record rate-limit headers)."""
 
-    def openapi_responses(self, binding: Binding) -> dict[str, Any] | None:
-        """OpenAPI responses this API really gives for a binding (status -> response object)."""
 
-    def openapi_schemas(self) -> dict[str, Any]:
-        """Named schemas the responses above refer to."""
-
-    def tool_schema(self, binding: Binding) -> ToolSchema | None:
-        """Extra tool arguments and an output schema for a tool this extension shapes, or None."""
-
-    async def run_tool(
-        self, runtime: Runtime, binding: Binding, inputs: dict[str, Any], extras: dict[str, Any]
-    ) -> Outcome | None:
-        """Run a tool call this extension knows better than the generic runtime, or None to leave it."""
-
-    def explain_error(self, consumes: Consumes, error: ApiError) -> str | None:
-        """The upstream's error message plus what to do about it, for a model or a person."""
-
-    def extra_tools(self, runtime: Runtime) -> list[ExtraTool]:
-        """Tools this extension adds beside the spec's (workflows, questions over local data)."""
+def check_secret(name: str, value: str | None, binding: str) -> str:
+    """A bound variable's value, refused at start when it is missing or could not be sent in a header."""
+    if not value:
+        raise ConfigError(
+            f"{name} is not set: the capability binds it as {binding}; set it first, e.g. `export {name}=...`"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{name} contains a control character (a pasted newline?); set it again without it")
+    return value
 
 
 class Runtime:
     def __init__(
         self,
         spec: Spec,
-        settings: Settings,
         *,
-        client: UpstreamClient | None = None,
-        extensions: Sequence[Extension] = (),
+        client: UpstreamClient,
+        secrets: Mapping[str, str],
+        base_uris: Mapping[str, str] | None = None,
+        extensions: Mapping[str, Sequence[Extension]] | None = None,
     ) -> None:
+        """`secrets` holds the bound variables' values (a missing one is a ConfigError here, at start);
+        `base_uris` overrides a consumed namespace's `baseUri`; `extensions` are keyed by namespace."""
         self.spec = spec
-        self.settings = settings
-        self.extensions = tuple(extensions)
-        self.client = client or UpstreamClient(
-            connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
-        )
+        self.client = client
         self.resolution = resolve(spec)
+        self._extensions = {namespace: tuple(found) for namespace, found in (extensions or {}).items()}
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
-        self._validators: dict[tuple[str, str], jsonschema.Draft202012Validator] = {}
-        self._base_uris = {c.namespace: self._base_uri(c) for c in spec.capability.consumes}
-        self._binds = {b.namespace: b.keys for b in spec.all_binds}  # templates look here on every request
+        self._validators: dict[tuple[str, str], Validator] = {}
+        overrides = base_uris or {}
+        self._base_uris = {
+            c.namespace: (overrides.get(c.namespace) or c.base_uri).rstrip("/") for c in spec.capability.consumes
+        }
+        # Templates look here on every request: bind namespace -> variable -> value, resolved once.
+        self._binds = {
+            bind.namespace: {
+                variable: check_secret(name, secrets.get(name), f"{bind.namespace}.{variable}")
+                for variable, name in bind.keys.items()
+            }
+            for bind in spec.all_binds
+        }
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -125,16 +108,6 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.client.close()
-
-    def check_bound_variables(self) -> None:
-        """Fail fast, in one line, when a variable the spec binds is not set."""
-        for bind in self.spec.all_binds:
-            for variable, provider_key in bind.keys.items():
-                if not self.settings.environ.get(provider_key):
-                    raise ConfigError(
-                        f"{provider_key} is not set: the capability binds it as {bind.namespace}.{variable}; "
-                        f"set it first, e.g. `export {provider_key}=...`"
-                    )
 
     # -- bindings --------------------------------------------------------------------------
 
@@ -146,6 +119,9 @@ class Runtime:
     def base_uri(self, namespace: str) -> str:
         return self._base_uris[namespace]
 
+    def extensions(self, namespace: str) -> tuple[Extension, ...]:
+        return self._extensions.get(namespace, ())
+
     def input_schema(self, binding: Binding) -> dict[str, Any]:
         """The JSON Schema of a binding's inputs, as adapters publish and validate them."""
         key = (binding.namespace, binding.name)
@@ -155,7 +131,7 @@ class Runtime:
                 schema: dict[str, Any] = {"type": item.type} if item.type in JSON_TYPES else {}
                 if item.description:
                     schema["description"] = item.description
-                for extension in self.extensions:
+                for extension in self.extensions(binding.target.consumes.namespace):
                     schema.update(extension.input_schema(binding, item) or {})
                 properties[item.name] = schema
             self._schemas[key] = {
@@ -168,23 +144,16 @@ class Runtime:
 
     def validate(self, binding: Binding, raw: Mapping[str, Any], *, from_strings: bool = False) -> dict[str, Any]:
         """Check (and, for values that arrived as text, convert) inputs. Raises InputError."""
-        schema = self.input_schema(binding)
         values = dict(raw)
         if from_strings:
             for item in binding.inputs:
                 if isinstance(values.get(item.name), str) and item.location != "body":
                     values[item.name] = _from_text(values[item.name], item)
-        validator = self._validators.get((binding.namespace, binding.name))
-        if validator is None:  # built once per binding: compiling costs far more than validating
-            validator = self._validators[(binding.namespace, binding.name)] = jsonschema.Draft202012Validator(schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(values))
-        if error is not None:
-            field = ".".join(str(p) for p in error.absolute_path) or None
-            if error.validator == "additionalProperties" and not error.absolute_path:
-                message = f"unexpected input: {error.message.split('(')[-1].rstrip(')')}"
-            else:
-                message = f"{field}: {_short(error)}" if field else _short(error)
-            raise InputError(message, field=field)
+        key = (binding.namespace, binding.name)
+        validator = self._validators.get(key)
+        if validator is None:
+            validator = self._validators[key] = Validator(self.input_schema(binding))
+        validator.check(values)
         return values
 
     # -- calling ---------------------------------------------------------------------------
@@ -243,8 +212,16 @@ class Runtime:
         from_strings: bool = False,
         context: CallContext = CallContext(),
     ) -> AsyncIterator[UpstreamResponse]:
-        """Validate, build, prepare and send; yield the upstream response with its body unread."""
+        """Validate, then send; yield the upstream response with its body unread."""
         inputs = self.validate(binding, raw, from_strings=from_strings)
+        async with self.send(binding, inputs, context) as response:
+            yield response
+
+    @asynccontextmanager
+    async def send(
+        self, binding: Binding, inputs: Mapping[str, Any], context: CallContext = CallContext()
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send inputs an adapter has already validated against `input_schema` (or a schema built on it)."""
         async with self.call_target(binding.target, self.resolve_with(binding, inputs), context) as response:
             yield response
 
@@ -255,16 +232,17 @@ class Runtime:
         values: Mapping[str, Any],
         context: CallContext = CallContext(),
     ) -> AsyncIterator[UpstreamResponse]:
-        """Call a consumed operation with its own input values (extensions' workflows use this)."""
+        """Call a consumed operation with its own input values (workflows use this)."""
         request = self.build_request(target, values)
-        try:
-            for extension in self.extensions:
-                request = await extension.prepare(self, target, request, context)
-        except Answered as answer:
-            yield UpstreamResponse.local(answer.status, answer.document, answer.headers, request.host)
-            return
+        extensions = self.extensions(target.consumes.namespace)
+        for extension in extensions:
+            prepared = await extension.prepare(self, target, request, context)
+            if isinstance(prepared, UpstreamResponse):  # answered here, nothing sent
+                yield prepared
+                return
+            request = prepared
         async with self.client.stream(request) as response:
-            for extension in self.extensions:
+            for extension in extensions:
                 await extension.observe(self, target, request, response, context)
             yield response
 
@@ -278,24 +256,14 @@ class Runtime:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _base_uri(self, consumes: Consumes) -> str:
-        for extension in self.extensions:
-            uri = extension.base_uri(consumes, self.settings)
-            if uri:
-                return uri.rstrip("/")
-        return (self.settings.base_uri_override(consumes.namespace) or consumes.base_uri).rstrip("/")
-
     def _lookup(self, name: str, inputs: Mapping[str, Any], binding: Binding | None) -> str:
         binds = self._binds
         namespaces = {*binds, "rest", "tools", *([binding.namespace] if binding else [])}
         namespace, variable = ex.split_dotted(name, namespaces)
         if namespace in binds or namespace is None:
-            for bind_ns, keys in binds.items():
-                if (namespace in (None, bind_ns)) and variable in keys:
-                    value = self.settings.environ.get(keys[variable])
-                    if not value:
-                        raise ConfigError(f"{keys[variable]} is not set (bound as {bind_ns}.{variable})")
-                    return value
+            for bind_ns, values in binds.items():
+                if namespace in (None, bind_ns) and variable in values:
+                    return values[variable]
         if variable in inputs:
             return _as_text(inputs[variable])
         return ""
@@ -350,11 +318,3 @@ def _from_text(text: str, item: AdapterInput) -> Any:
     except ValueError:
         pass
     return text
-
-
-def _short(error: jsonschema.ValidationError) -> str:
-    if error.validator == "type":
-        return f"must be of type {error.validator_value}, got {json.dumps(error.instance)[:60]}"
-    if error.validator == "required":
-        return error.message.replace("'", "", 2)
-    return error.message[:200]

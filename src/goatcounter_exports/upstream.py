@@ -22,7 +22,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from . import __version__
-from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from .errors import ApiError, UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ class UpstreamResponse:
         raw: aiohttp.ClientResponse | None = None,
         body: bytes | None = None,
         reason: str = "",
+        local: bool = False,
     ) -> None:
+        self.is_local = local  # made here, not by the upstream
         self.status = status
         self.headers: CIMultiDict[str] = CIMultiDict(headers)
         self.host = host
@@ -92,7 +94,7 @@ class UpstreamResponse:
     def local(cls, status: int, document: Any, headers: Mapping[str, str], host: str) -> UpstreamResponse:
         """An answer made here rather than upstream (an extension answered the call itself)."""
         body = json.dumps(document, separators=(",", ":")).encode()
-        return cls(status, {**headers, "Content-Type": "application/json"}, host, body=body)
+        return cls(status, {**headers, "Content-Type": "application/json"}, host, body=body, local=True)
 
     @property
     def content_type(self) -> str:
@@ -127,15 +129,32 @@ class UpstreamResponse:
             self._body = bytes(buffer)
         return self._body
 
-    async def json(self, limit: int = MAX_BUFFERED_BYTES) -> Any:
-        """The body as JSON; raises UpstreamProtocolError when it is not JSON."""
-        document = parse_json(await self.read(limit))
-        if document is NOT_JSON:
-            raise UpstreamProtocolError(f"{self.host} answered {self.status} without a JSON body", host=self.host)
+    async def document(self) -> Any:
+        """The JSON document of a textual or error answer (NOT_JSON when there is none); raises ApiError
+        (RateLimited for a 429) for an error status, with the upstream's own message."""
+        body = await self.read() if self.is_textual or self.status >= 300 else b""
+        document = parse_json(body) if body else NOT_JSON
+        if self.status >= 400:
+            message = error_message(document) or f"{self.status} {self.reason}".strip()
+            wait = retry_after(self.headers.get("Retry-After"))
+            raise ApiError.of(self.status, message, retry_after=wait, local=self.is_local)
         return document
 
 
 NOT_JSON: Any = object()
+
+
+def error_message(document: Any) -> str | None:
+    """The message of a JSON error body: `{"error": "..."}`, `{"errors": {field: [...]}}` (GoatCounter's
+    two shapes), or the common `message` / `detail`."""
+    if not isinstance(document, dict):
+        return None
+    for key in ("error", "message", "detail"):
+        if isinstance(document.get(key), str):
+            return str(document[key])
+    if "errors" in document:
+        return json.dumps(document["errors"])
+    return None
 
 
 def parse_json(body: bytes) -> Any:

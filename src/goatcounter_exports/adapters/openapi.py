@@ -1,12 +1,25 @@
-"""The OpenAPI 3.1 document of the REST adapter, built from the same bindings it serves."""
+"""The OpenAPI 3.1 document of the REST adapter, built from the same bindings it serves.
+
+Its hooks (`OpenApiHooks`) let an API's own module describe the answers it really gives.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from .. import __version__
 from ..runtime import Runtime
 from ..spec.resolve import Binding
+
+
+class OpenApiHooks(Protocol):
+    def responses(self, binding: Binding) -> dict[str, Any] | None:
+        """The responses this API really gives for a binding (status -> response object), or None."""
+
+    def schemas(self) -> dict[str, Any]:
+        """Named schemas the responses above refer to."""
+
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -32,7 +45,7 @@ LOCAL_RESPONSES: dict[str, Any] = {
 }
 
 
-def operation(runtime: Runtime, binding: Binding) -> dict[str, Any]:
+def operation(runtime: Runtime, binding: Binding, hooks: Mapping[str, OpenApiHooks]) -> dict[str, Any]:
     schema = runtime.input_schema(binding)
     parameters = []
     request_body = None
@@ -57,8 +70,9 @@ def operation(runtime: Runtime, binding: Binding) -> dict[str, Any]:
         "200": {"description": "Upstream answer, mapped by the operation's outputParameters."},
         **LOCAL_RESPONSES,
     }
-    for extension in runtime.extensions:
-        responses.update(extension.openapi_responses(binding) or {})
+    hook = hooks.get(binding.target.consumes.namespace)
+    if hook is not None:
+        responses.update(hook.responses(binding) or {})
     result: dict[str, Any] = {
         "operationId": binding.name,
         "summary": binding.description,
@@ -70,13 +84,17 @@ def operation(runtime: Runtime, binding: Binding) -> dict[str, Any]:
     return result
 
 
-def openapi_document(runtime: Runtime, bindings: list[Binding]) -> dict[str, Any]:
+def openapi_document(
+    runtime: Runtime, bindings: list[Binding], hooks: Mapping[str, OpenApiHooks] | None = None
+) -> dict[str, Any]:
+    """`hooks` are keyed by the consumed namespace they describe."""
+    hooks = hooks or {}
     paths: dict[str, dict[str, Any]] = {}
     for binding in bindings:
-        paths.setdefault(binding.path, {})[binding.method.lower()] = operation(runtime, binding)
+        paths.setdefault(binding.path, {})[binding.method.lower()] = operation(runtime, binding, hooks)
     schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
-    for extension in runtime.extensions:
-        schemas.update(extension.openapi_schemas())
+    for hook in hooks.values():
+        schemas.update(hook.schemas())
     info = runtime.spec.info
     return {
         "openapi": "3.1.0",

@@ -1,17 +1,18 @@
 """The REST adapter: one Starlette route per exposed operation, generated from the spec.
 
 Upstream answers pass through faithfully (status, JSON error body, rate-limit
-headers). Non-JSON bodies are streamed in constant memory; a gzip body is
-decompressed on the fly for a client that asks for `text/csv`.
+headers); non-JSON bodies are streamed in constant memory. An API's own module
+can take over a route it knows better through `RestHooks` (GoatCounter's
+download). Errors are mapped to a JSON body and a status here, once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,14 +20,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import ConfigError, InputError, UpstreamError
-from ..gzipstream import gunzip
+from ..errors import ApiError, GoatcounterExportsError, InputError, UpstreamError, http_status
 from ..runtime import CallContext, Runtime
 from ..spec.resolve import Binding
 from ..upstream import NOT_JSON, UpstreamResponse, parse_json
-from .openapi import openapi_document
+from .openapi import OpenApiHooks, openapi_document
 
 log = logging.getLogger(__name__)
+
+# A route handler given the request and its inputs, already validated by the runtime.
+Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
+
+
+class RestHooks(Protocol):
+    def handler(self, binding: Binding) -> Handler | None:
+        """A handler for a route this API knows better than a pass-through, or None."""
+
 
 PASSTHROUGH_HEADERS = (
     "Retry-After",
@@ -38,7 +47,6 @@ PASSTHROUGH_HEADERS = (
     "ETag",
     "Idempotent-Replayed",
 )
-GZIP_TYPES = ("application/gzip", "application/x-gzip")
 
 
 def error_response(
@@ -66,30 +74,21 @@ async def read_json_body(request: Request, limit: int) -> Any:
         raise InputError("request body is not valid JSON", field="body") from None
 
 
-def wants_csv(accept: str) -> bool:
-    """True when the client prefers text/csv over the gzip file (RFC 9110 q-values)."""
-    quality: dict[str, float] = {}
-    for item in accept.split(","):
-        media, *params = (p.strip() for p in item.split(";"))
-        q = 1.0
-        for param in params:
-            if param.startswith("q="):
-                try:
-                    q = float(param[2:])
-                except ValueError:
-                    q = 0.0
-        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
-    csv = quality.get("text/csv", 0.0)
-    gzip = max(quality.get("application/gzip", 0.0), quality.get("*/*", 0.0), quality.get("application/*", 0.0))
-    return csv > 0 and csv >= gzip
-
-
 def passthrough_headers(response: UpstreamResponse) -> dict[str, str]:
     return {name: response.headers[name] for name in PASSTHROUGH_HEADERS if name in response.headers}
 
 
-async def forward(request: Request, runtime: Runtime, binding: Binding, stack: AsyncExitStack) -> Response:
-    """Turn the upstream answer into ours. Takes ownership of `stack` (closes it when done)."""
+def error_for(exc: GoatcounterExportsError) -> JSONResponse:
+    """The one mapping of our errors to a REST answer: a JSON body, and the status of `http_status`."""
+    headers = {}
+    if isinstance(exc, ApiError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(round(exc.retry_after))
+    message = exc.message if isinstance(exc, ApiError) else str(exc)
+    return error_response(http_status(exc), message, headers=headers, field=getattr(exc, "field", None))
+
+
+async def read_inputs(request: Request, binding: Binding, max_body_bytes: int) -> dict[str, Any]:
+    """The binding's inputs as they arrived: path, query and header values as text, the body as JSON."""
     raw: dict[str, Any] = {}
     for item in binding.inputs:
         if item.location == "path" and item.name in request.path_params:
@@ -99,11 +98,18 @@ async def forward(request: Request, runtime: Runtime, binding: Binding, stack: A
         elif item.location == "header" and item.name in request.headers:
             raw[item.name] = request.headers[item.name]
         elif item.location == "body":
-            value = await read_json_body(request, runtime.settings.max_body_bytes)
+            value = await read_json_body(request, max_body_bytes)
             if value is not None:
                 raw[item.name] = value
+    return raw
+
+
+async def forward(
+    request: Request, runtime: Runtime, binding: Binding, inputs: dict[str, Any], stack: AsyncExitStack
+) -> Response:
+    """Turn the upstream answer into ours. Takes ownership of `stack` (closes it when done)."""
     context = CallContext(idempotency_key=request.headers.get("idempotency-key"))
-    response = await stack.enter_async_context(runtime.call(binding, raw, from_strings=True, context=context))
+    response = await stack.enter_async_context(runtime.send(binding, inputs, context))
     headers = passthrough_headers(response)
     success = 200 <= response.status < 300
     if response.is_textual or not success:
@@ -118,16 +124,17 @@ async def forward(request: Request, runtime: Runtime, binding: Binding, stack: A
         message = f"upstream {response.host} answered {response.status} {response.reason}".rstrip()
         return error_response(response.status, message, headers=headers)
     media_type = response.content_type or "application/octet-stream"
-    chunks = response.chunks()
-    if response.status == 200 and media_type in GZIP_TYPES and wants_csv(request.headers.get("accept", "")):
-        chunks = gunzip(chunks)
-        media_type = "text/csv"
-        if "Content-Disposition" in headers:
-            headers["Content-Disposition"] = headers["Content-Disposition"].replace(".csv.gz", ".csv")
-    elif "Content-Length" in response.headers:
+    if "Content-Length" in response.headers:
         headers["Content-Length"] = response.headers["Content-Length"]
     if media_type.startswith("text/") and "charset" not in media_type:
         media_type += "; charset=utf-8"
+    return streaming(response.chunks(), response.status, headers, media_type, stack)
+
+
+def streaming(
+    chunks: AsyncIterator[bytes], status: int, headers: dict[str, str], media_type: str, stack: AsyncExitStack
+) -> StreamingResponse:
+    """A streamed answer that closes `stack` (the upstream response) when the body ends or fails."""
 
     async def body_then_close() -> AsyncIterator[bytes]:
         try:
@@ -136,26 +143,29 @@ async def forward(request: Request, runtime: Runtime, binding: Binding, stack: A
         finally:
             await stack.aclose()
 
-    return StreamingResponse(body_then_close(), response.status, headers, media_type=media_type)
+    return StreamingResponse(body_then_close(), status, headers, media_type=media_type)
 
 
-def endpoint(runtime: Runtime, binding: Binding) -> Callable[[Request], Awaitable[Response]]:
+def endpoint(
+    runtime: Runtime, binding: Binding, handler: Handler | None, max_body_bytes: int
+) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
         stack = AsyncExitStack()
-        streaming = False  # a streamed body closes the upstream response itself, when it ends
+        streamed = False  # a streamed body closes the upstream response itself, when it ends
         try:
-            response = await forward(request, runtime, binding, stack)
-            streaming = isinstance(response, StreamingResponse)
+            raw = await read_inputs(request, binding, max_body_bytes)
+            inputs = runtime.validate(binding, raw, from_strings=True)
+            if handler is not None:
+                return await handler(request, inputs)
+            response = await forward(request, runtime, binding, inputs, stack)
+            streamed = isinstance(response, StreamingResponse)
             return response
-        except InputError as exc:
-            return error_response(400, str(exc), field=exc.field)
-        except UpstreamError as exc:
-            log.warning("%s %s: %s", request.method, request.url.path, exc)
-            return error_response(exc.status_code, str(exc))
-        except ConfigError as exc:
-            return error_response(500, str(exc))
+        except GoatcounterExportsError as exc:
+            if isinstance(exc, UpstreamError):
+                log.warning("%s %s: %s", request.method, request.url.path, exc)
+            return error_for(exc)
         finally:
-            if not streaming:
+            if not streamed:
                 await stack.aclose()
 
     return handle
@@ -166,13 +176,27 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, exc.detail)
 
 
-def create_rest_app(runtime: Runtime, namespace: str | None = None) -> Starlette:
-    """The ASGI app for one REST expose (the first one when `namespace` is None)."""
+def create_rest_app(
+    runtime: Runtime,
+    namespace: str | None = None,
+    *,
+    hooks: Mapping[str, RestHooks] | None = None,
+    openapi_hooks: Mapping[str, OpenApiHooks] | None = None,
+    max_body_bytes: int = 64 * 1024,
+) -> Starlette:
+    """The ASGI app for one REST expose (the first one when `namespace` is None). Hooks are keyed by the
+    consumed namespace whose routes they know."""
+    hooks = hooks or {}
     exposes = runtime.spec.rest_exposes
     expose = next((e for e in exposes if namespace in (None, e.namespace)), None)
     bindings = runtime.bindings("rest", expose.namespace) if expose else []
-    routes = [Route(b.path, endpoint(runtime, b), methods=[b.method], name=b.name) for b in bindings]
-    document = openapi_document(runtime, bindings)
+    routes = []
+    for binding in bindings:
+        hook = hooks.get(binding.target.consumes.namespace)
+        handler = hook.handler(binding) if hook is not None else None
+        handle = endpoint(runtime, binding, handler, max_body_bytes)
+        routes.append(Route(binding.path, handle, methods=[binding.method], name=binding.name))
+    document = openapi_document(runtime, bindings, openapi_hooks)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from ..runtime import Answered, CallContext
+from ..errors import GoatcounterExportsError
+from ..runtime import CallContext, Runtime
 from ..spec.resolve import Target
 from ..upstream import NOT_JSON, UpstreamRequest, UpstreamResponse, parse_json
-from .state import RECENT_EXPORT_SECONDS, StateStore, budget_host
-
-if TYPE_CHECKING:
-    from ..runtime import Runtime
+from .exports import ExportOps
+from .store import RECENT_EXPORT_SECONDS, StateStore, budget_host
 
 
 def _int(value: str | None) -> int | None:
@@ -36,32 +36,35 @@ def start_of(request: UpstreamRequest) -> int:
 
 
 class ExportBudget:
-    def __init__(self, state: StateStore, clock: Any = time.time) -> None:
-        self.state = state
+    def __init__(self, store: StateStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
         self.clock = clock
 
-    async def before_create(self, runtime: Runtime, target: Target, api_uri: str, context: CallContext) -> None:
-        """Raise `Answered` for an idempotent replay or a spent budget; return to let the create go."""
+    async def before_create(
+        self, runtime: Runtime, target: Target, api_uri: str, context: CallContext
+    ) -> UpstreamResponse | None:
+        """An answer made here for an idempotent replay or a spent budget; None lets the create go."""
         if context.idempotency_key:
-            export_id = self.state.export_for_key(api_uri, context.idempotency_key)
+            export_id = await self.store.export_for_key(api_uri, context.idempotency_key)
             if export_id is not None:
-                raise Answered(202, await self._current(runtime, target, export_id), {"Idempotent-Replayed": "true"})
+                current = await self._current(runtime, target, export_id)
+                return UpstreamResponse.local(202, current, {"Idempotent-Replayed": "true"}, target_host(api_uri))
         now = self.clock()
-        budget = self.state.budget(api_uri)
+        budget = await self.store.budget(api_uri)
         if budget is None or not budget.exhausted(now):
-            return
+            return None
         wait = budget.retry_after(now)
-        recent = self.state.latest_export(api_uri, since=now - RECENT_EXPORT_SECONDS)
+        recent = await self.store.latest_export(api_uri, since=now - RECENT_EXPORT_SECONDS)
         document: dict[str, Any] = {
             "error": f"the export budget of {budget_host(api_uri)} is spent ({budget.limit} per window); "
             f"try again in {wait} seconds. Nothing was sent to GoatCounter."
         }
         if recent is not None:
-            document["recent_export_id"] = recent.export_id
+            document["recent_export_id"] = recent
         headers = {"Retry-After": str(wait), "X-Rate-Limit-Remaining": "0", "X-Rate-Limit-Reset": str(wait)}
         if budget.limit is not None:
             headers["X-Rate-Limit-Limit"] = str(budget.limit)
-        raise Answered(429, document, headers)
+        return UpstreamResponse.local(429, document, headers, target_host(api_uri))
 
     async def after_create(
         self, api_uri: str, request: UpstreamRequest, response: UpstreamResponse, context: CallContext
@@ -73,18 +76,22 @@ class ExportBudget:
         if response.status == 429:
             remaining, reset = 0, _int(headers.get("Retry-After")) or reset
         if remaining is not None and reset is not None:
-            self.state.save_budget(api_uri, limit, remaining, reset, now=self.clock())
+            await self.store.save_budget(api_uri, limit, remaining, reset, now=self.clock())
         if response.status == 202:
             export = parse_json(await response.read())
             if export is not NOT_JSON and isinstance(export.get("id"), int):
-                self.state.record_export(
+                await self.store.record_export(
                     api_uri, export["id"], start_of(request), context.idempotency_key, now=self.clock()
                 )
 
     async def _current(self, runtime: Runtime, create: Target, export_id: int) -> Any:
-        from .exports import find_ops, get_export
-
+        get = ExportOps.find(runtime, create.consumes.namespace).get
         try:
-            return await get_export(runtime, find_ops(runtime, create.consumes.namespace), export_id)
-        except Exception:  # the replay still names the export, even if GoatCounter cannot be asked now
+            async with runtime.call_target(get, ExportOps.id_values(get, export_id)) as response:
+                return await response.document()
+        except GoatcounterExportsError:  # the replay still names the export, even if GoatCounter cannot be asked now
             return {"id": export_id}
+
+
+def target_host(api_uri: str) -> str:
+    return UpstreamRequest("GET", api_uri).host

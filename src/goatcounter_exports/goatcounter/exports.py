@@ -1,4 +1,4 @@
-"""The GoatCounter export operations as the workflows need them: find, describe, page through.
+"""GoatCounter's export operations and the Export object, as the rest of the package sees them.
 
 The three consumed operations are recognised by their shape (POST /export,
 GET /export/{id}, GET /export/{id}/download) in the spec, so a renamed
@@ -7,30 +7,19 @@ operation still works, and calls go through the runtime like any other.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import ApiError, ExportError, SpecError
-from ..outcome import read_answer
+from ..errors import ExportError, SpecError
 from ..runtime import Runtime
 from ..spec.expressions import path_placeholders
 from ..spec.resolve import Target
-from ..upstream import UpstreamResponse
-from .csvfile import hash_matches, iter_records, split_header
 
-DEFAULT_PAGE_ROWS = 100
-MAX_PAGE_ROWS = 1000
+Shape = Literal["create", "get", "download"]
+Status = Literal["running", "finished", "failed"]
 
 
-@dataclass(frozen=True)
-class ExportOps:
-    create: Target
-    get: Target
-    download: Target
-
-
-def export_shape(target: Target) -> str | None:
+def export_shape(target: Target) -> Shape | None:
     """ "create", "get" or "download" for the export operations; None for anything else."""
     path = target.path.rstrip("/")
     if target.method == "POST" and path.endswith("/export"):
@@ -42,120 +31,100 @@ def export_shape(target: Target) -> str | None:
     return None
 
 
-def find_ops(runtime: Runtime, namespace: str) -> ExportOps:
-    found: dict[str, Target] = {}
-    for ref, target in runtime.resolution.targets.items():
-        if target.consumes.namespace == namespace and ref.count(".") == 1:
-            shape = export_shape(target)
-            if shape:
-                found.setdefault(shape, target)
-    missing = {"create", "get", "download"} - set(found)
-    if missing:
-        raise SpecError(f"the capability lacks the GoatCounter export operation(s): {', '.join(sorted(missing))}")
-    return ExportOps(found["create"], found["get"], found["download"])
+@dataclass(frozen=True)
+class ExportOps:
+    """The consumed export operations of one namespace."""
 
+    create: Target
+    get: Target
+    download: Target
 
-def id_values(target: Target, export_id: int) -> dict[str, Any]:
-    return {name: export_id for name in path_placeholders(target.path)}
+    @classmethod
+    def find(cls, runtime: Runtime, namespace: str) -> ExportOps:
+        found: dict[str, Target] = {}
+        for ref, target in runtime.resolution.targets.items():
+            if target.consumes.namespace == namespace and ref.count(".") == 1:
+                shape = export_shape(target)
+                if shape:
+                    found.setdefault(shape, target)
+        missing = {"create", "get", "download"} - set(found)
+        if missing:
+            raise SpecError(f"the capability lacks the GoatCounter export operation(s): {', '.join(sorted(missing))}")
+        return cls(found["create"], found["get"], found["download"])
 
-
-def state(export: dict[str, Any]) -> str:
-    if export.get("error"):
-        return "failed"
-    return "finished" if export.get("finished_at") else "running"
-
-
-def summarize(export: dict[str, Any]) -> str:
-    """A few lines a model can act on: state, size, and the cursor for the next incremental export."""
-    export_id = export.get("id")
-    current = state(export)
-    if current == "failed":
-        return f"Export {export_id} failed: {export['error']}. Create a new export to try again."
-    if current == "running":
-        since = export.get("start_from_hit_id") or 0
-        return (
-            f"Export {export_id} is running (pageviews after hit {since}). "
-            "Call get-export-info again in a few seconds until it is finished."
-        )
-    return (
-        f"Export {export_id} is finished: {export.get('num_rows')} rows, {export.get('size')} MB "
-        f"(hits {export.get('start_from_hit_id')} < id <= {export.get('last_hit_id')}). "
-        f"Read it with download-export. Next incremental export: start_from_hit_id={export.get('last_hit_id')}."
-    )
-
-
-async def get_export(runtime: Runtime, ops: ExportOps, export_id: int) -> dict[str, Any]:
-    async with runtime.call_target(ops.get, id_values(ops.get, export_id)) as response:
-        document = await read_answer(response)
-    if not isinstance(document, dict):
-        raise ExportError(f"GoatCounter answered something other than an export for id {export_id}")
-    return document
-
-
-async def refusal(response: UpstreamResponse, default: str = "the export file is not ready") -> ApiError:
-    """Why a download answered something other than the file: GoatCounter's message (raises for 4xx)."""
-    document = await read_answer(response)
-    message = document.get("error") if isinstance(document, dict) else None
-    return ApiError(response.status, str(message or default))
+    @staticmethod
+    def id_values(target: Target, export_id: int) -> dict[str, Any]:
+        return {name: export_id for name in path_placeholders(target.path)}
 
 
 @dataclass(frozen=True)
-class CsvPage:
-    export_id: int
-    version: str
-    columns: list[str]
-    rows: list[list[str]]
-    offset: int
-    total_rows: int
-    hash_ok: bool | None
+class Export:
+    """GoatCounter's Export object, with the fields this package reads typed; `document` is it whole."""
+
+    document: dict[str, Any]
+
+    @classmethod
+    def parse(cls, document: Any) -> Export:
+        if not isinstance(document, dict) or not isinstance(document.get("id"), int):
+            raise ExportError("GoatCounter did not answer with an export")
+        return cls(document)
 
     @property
-    def has_more(self) -> bool:
-        return self.offset + len(self.rows) < self.total_rows
+    def id(self) -> int:
+        return int(self.document["id"])
 
     @property
-    def next_offset(self) -> int | None:
-        return self.offset + len(self.rows) if self.has_more else None
+    def status(self) -> Status:
+        if self.document.get("error"):
+            return "failed"
+        return "finished" if self.document.get("finished_at") else "running"
 
+    @property
+    def error(self) -> str | None:
+        return self.document.get("error") or None
 
-@dataclass(frozen=True)
-class NotReady:
-    export_id: int
-    message: str
+    @property
+    def format(self) -> str:
+        """csv or json; v2.7.0 has no `format` field and makes only csv."""
+        return str(self.document.get("format") or "csv")
 
+    @property
+    def hash(self) -> str | None:
+        return self.document.get("hash") or None
 
-async def read_page(
-    runtime: Runtime, ops: ExportOps, export: dict[str, Any], offset: int, limit: int
-) -> CsvPage | NotReady:
-    """Stream the export file once: hash all of it, count every row, keep rows [offset, offset+limit)."""
-    export_id = int(export["id"])
-    if state(export) == "failed":
-        raise ExportError(f"export {export_id} failed in GoatCounter: {export['error']}")
-    if state(export) == "running":
-        return NotReady(export_id, "still being generated")
-    digest = hashlib.sha256()
-    columns: list[str] = []
-    version = ""
-    rows: list[list[str]] = []
-    total = 0
-    async with runtime.call_target(ops.download, id_values(ops.download, export_id)) as response:
-        if response.status != 200:
-            ready_later = response.status == 202
-            refused = await refusal(
-                response, "still being generated" if ready_later else "unexpected answer to download"
+    @property
+    def num_rows(self) -> int | None:
+        value = self.document.get("num_rows")
+        return int(value) if value is not None else None
+
+    @property
+    def start_from_hit_id(self) -> int:
+        return int(self.document.get("start_from_hit_id") or 0)
+
+    @property
+    def last_hit_id(self) -> int | None:
+        value = self.document.get("last_hit_id")
+        return int(value) if value is not None else None
+
+    @property
+    def size_bytes(self) -> float | None:
+        """GoatCounter gives the size in MB, as text ("0.1")."""
+        try:
+            return float(self.document["size"]) * 1024 * 1024 if self.document.get("size") else None
+        except ValueError:
+            return None
+
+    def summary(self) -> str:
+        """A few lines a model can act on: status, size, and the cursor for the next incremental export."""
+        if self.status == "failed":
+            return f"Export {self.id} failed: {self.error}. Create a new export to try again."
+        if self.status == "running":
+            return (
+                f"Export {self.id} is running (pageviews after hit {self.start_from_hit_id}). "
+                "Call get-export-info again in a few seconds until it is finished."
             )
-            if ready_later:
-                return NotReady(export_id, refused.message)
-            raise refused
-        async for record in iter_records(response.chunks(), digest):
-            if not columns:
-                version, columns = split_header(record)
-                continue
-            if offset <= total < offset + limit:
-                rows.append(record)
-            total += 1
-    if not columns:
-        version, columns = "2", []  # an export of nothing: GoatCounter writes an empty file
-    return CsvPage(
-        export_id, version, columns, rows, offset, total, hash_matches(export.get("hash"), digest.hexdigest())
-    )
+        return (
+            f"Export {self.id} is finished: {self.num_rows} rows, {self.document.get('size')} MB "
+            f"(hits {self.start_from_hit_id} < id <= {self.last_hit_id}). "
+            f"Read it with download-export. Next incremental export: start_from_hit_id={self.last_hit_id}."
+        )

@@ -63,7 +63,7 @@ def ask(
         raise InputError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
     first, last = _day(since, "since"), _day(until, "until")
     if not database.exists():
-        raise InputError(f"no synced database at {database}; run `goatcounter-exports sync` first", field=None)
+        raise InputError("there is no synced database yet; run `goatcounter-exports sync` first", field=None)
     where = ["1 = 1"]
     args: list[Any] = []
     if first:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExportError
-from .csvfile import iter_records, split_header
+from ..errors import ExportError, IntegrityError
+from .exportfile import split_header
 from .workflow import ExportJob
 
 # CSV header name -> (column, SQLite type). Typed where GoatCounter's values are numbers.
@@ -62,9 +62,9 @@ class SyncResult:
     cursor_after: int
 
 
-def crash_point(name: str, environ: dict[str, str] | Any) -> None:
+def crash_point(name: str, crash_at: str | None) -> None:
     """Fault injection for the kill tests (GOATCOUNTER_EXPORTS_CRASH_AT): die like `kill -9` here."""
-    if environ.get("GOATCOUNTER_EXPORTS_CRASH_AT") == name:
+    if crash_at == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -90,39 +90,40 @@ def _value(column: str, text: str) -> Any:
     return text
 
 
-async def sync(job: ExportJob, database: Path, *, wait_seconds: float, environ: dict[str, str] | Any) -> SyncResult:
+async def sync(job: ExportJob, database: Path, *, wait_seconds: float, crash_at: str | None = None) -> SyncResult:
     site = job.api_uri
     db = open_database(database)
     try:
         before = cursor_of(db, site)
         export, reused = await job.create_or_reuse(before)
         export = await job.wait(export, wait_seconds)
-        last_hit_id = int(export["last_hit_id"] if export.get("last_hit_id") is not None else before)
+        last_hit_id = export.last_hit_id if export.last_hit_id is not None else before
         columns: list[str] = []
         added = 0
         db.execute("begin immediate")
         try:
-            async for record in iter_records(job.file_chunks(export)):  # the hash is checked at the end
-                added += _insert(db, site, int(export["id"]), record, columns)
-                if added == 1:
-                    crash_point("download", environ)
-            if export.get("num_rows") is not None and added != int(export["num_rows"]):
-                raise ExportError(f"export {export['id']} has {export['num_rows']} rows but the file had {added}")
-            crash_point("before-commit", environ)
+            async with job.reader.open(export, job.progress) as file:
+                async for record in file.records():  # the hash is checked before the last records
+                    added += _insert(db, site, export.id, record, columns)
+                    if added == 1:
+                        crash_point("download", crash_at)
+            if export.num_rows is not None and added != export.num_rows:
+                raise IntegrityError(f"export {export.id} has {export.num_rows} rows but the file had {added}")
+            crash_point("before-commit", crash_at)
             db.execute(
                 "insert into sync_state (site, last_hit_id, last_export_id, rows) values (?, ?, ?, ?) "
                 "on conflict (site) do update set last_hit_id = excluded.last_hit_id, "
                 "last_export_id = excluded.last_export_id, rows = sync_state.rows + excluded.rows, "
                 "synced_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
-                (site, last_hit_id, int(export["id"]), added),
+                (site, last_hit_id, export.id, added),
             )
             db.execute("commit")
         except BaseException:
             db.execute("rollback")
             raise
-        crash_point("after-commit", environ)
+        crash_point("after-commit", crash_at)
         total = _count(db, site)
-        return SyncResult(int(export["id"]), reused, added, total, before, last_hit_id)
+        return SyncResult(export.id, reused, added, total, before, last_hit_id)
     finally:
         db.close()
 
@@ -146,7 +147,7 @@ def _insert(db: sqlite3.Connection, site: str, export_id: int, record: list[str]
             raise ExportError(f"the pageviews table lacks columns for {missing}; use a new --db")
         return 0
     if len(record) != len(columns):
-        raise ExportError(f"a CSV row has {len(record)} fields, the header {len(columns)}")
+        raise IntegrityError(f"a CSV row has {len(record)} fields, the header {len(columns)}")
     names = ", ".join(column_name(c) for c in columns)
     marks = ", ".join("?" for _ in columns)
     db.execute(

@@ -1,22 +1,43 @@
-"""How the GoatCounter export operations answer as tools: summaries, CSV pages, and advice on errors.
+"""Every GoatCounter tool an MCP client sees: the home of a new one.
 
-A model should never receive a whole export: `download-export` returns one page
-of rows (an embedded text/csv resource) with the totals needed to ask for the next.
+- The spec's three export tools, shaped: export objects come back structured with a summary,
+  and `download-export` returns one page of rows (an embedded text/csv resource) with the
+  totals needed to ask for the next; a model never receives a whole export.
+- `export-pageviews`: the whole job in one call (create or reuse, wait with progress,
+  download and verify), answered with totals, top paths and the first rows.
+- `pageview-stats`: bounded questions over the local copy `sync` keeps; no SQL from the model.
+
+Arguments arrive checked against the schemas published here (adapters/mcp.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from ..errors import ApiError, ExportError
-from ..outcome import EmbeddedText, Outcome, ToolSchema, read_answer
+from ..adapters.tools import (
+    Annotations,
+    EmbeddedText,
+    Tool,
+    ToolResult,
+    annotations_of,
+    binding_arguments,
+    binding_inputs,
+)
+from ..errors import ApiError, ExportDeleted, GoatcounterExportsError
+from ..progress import Progress
+from ..runtime import Runtime
 from ..spec.resolve import Binding
-from . import exports
+from . import stats
+from .exportfile import DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS, CsvPage, ExportReader, split_header
+from .exports import Export, export_shape
+from .workflow import ExportJob
 
-if TYPE_CHECKING:
-    from ..runtime import Runtime
+PREVIEW_ROWS = 20
 
 
 def nullable(json_type: str) -> dict[str, Any]:
@@ -24,7 +45,7 @@ def nullable(json_type: str) -> dict[str, Any]:
     return {"anyOf": [{"type": json_type}, {"type": "null"}]}
 
 
-EXPORT_OUTPUT: dict[str, Any] = {
+EXPORT_OBJECT_OUTPUT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "id": {"type": "integer"},
@@ -52,7 +73,11 @@ PAGE_OUTPUT: dict[str, Any] = {
         "total_rows": {"type": "integer"},
         "has_more": {"type": "boolean"},
         "next_offset": nullable("integer"),
-        "hash_ok": {**nullable("boolean"), "description": "SHA-256 of the file matched the export's hash"},
+        "hash_ok": {
+            **nullable("boolean"),
+            "description": "true: the file's SHA-256 matched the export's hash (a mismatch is an error); "
+            "null: GoatCounter gave no hash to check",
+        },
         "format_version": {"type": "string"},
     },
     "required": ["export_id", "ready"],
@@ -62,62 +87,76 @@ PAGE_ARGUMENTS: dict[str, Any] = {
     "limit": {
         "type": "integer",
         "minimum": 1,
-        "maximum": exports.MAX_PAGE_ROWS,
-        "default": exports.DEFAULT_PAGE_ROWS,
-        "description": f"Rows to return (default {exports.DEFAULT_PAGE_ROWS}, at most {exports.MAX_PAGE_ROWS}).",
+        "maximum": MAX_PAGE_ROWS,
+        "default": DEFAULT_PAGE_ROWS,
+        "description": f"Rows to return (default {DEFAULT_PAGE_ROWS}, at most {MAX_PAGE_ROWS}).",
     },
+}
+EXPORT_JOB_INPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "start_from_hit_id": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Only pageviews after this hit id (the last_hit_id of a previous export). Default 0: all.",
+        },
+        "timeout_seconds": {"type": "integer", "minimum": 5, "maximum": 3600, "default": 300},
+        "preview_rows": {"type": "integer", "minimum": 0, "maximum": 100, "default": PREVIEW_ROWS},
+    },
+    "additionalProperties": False,
+}
+EXPORT_JOB_OUTPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "export_id": {"type": "integer"},
+        "reused": {"type": "boolean"},
+        "total_rows": {"type": "integer"},
+        "columns": {"type": "array", "items": {"type": "string"}},
+        "start_from_hit_id": {"type": "integer"},
+        "last_hit_id": {"type": "integer"},
+        "hash_ok": {"type": "boolean"},
+        "top_paths": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["export_id", "total_rows", "hash_ok"],
+}
+STATS_INPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string", "enum": list(stats.QUESTIONS), "description": "What to count."},
+        "since": {"type": "string", "format": "date", "description": "First day (YYYY-MM-DD), inclusive."},
+        "until": {"type": "string", "format": "date", "description": "Last day (YYYY-MM-DD), inclusive."},
+        "path_prefix": {"type": "string", "maxLength": 500, "description": "Only paths starting with this."},
+        "include_bots": {"type": "boolean", "default": False},
+        "limit": {"type": "integer", "minimum": 1, "maximum": stats.MAX_LIMIT, "default": 10},
+    },
+    "required": ["question"],
+    "additionalProperties": False,
+}
+STATS_OUTPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string"},
+        "total_pageviews": {"type": "integer"},
+        "rows": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["question", "total_pageviews", "rows"],
 }
 
 
-def tool_schema(binding: Binding) -> ToolSchema | None:
-    shape = exports.export_shape(binding.target)
-    if shape == "download":
-        return ToolSchema(PAGE_ARGUMENTS, PAGE_OUTPUT)
-    if shape in ("create", "get"):
-        return ToolSchema({}, EXPORT_OUTPUT)
-    return None
-
-
-def export_structure(export: dict[str, Any]) -> dict[str, Any]:
-    keep = EXPORT_OUTPUT["properties"]
-    return {**{k: v for k, v in export.items() if k in keep}, "state": exports.state(export)}
-
-
-async def run_tool(
-    runtime: Runtime, binding: Binding, inputs: dict[str, Any], extras: dict[str, Any]
-) -> Outcome | None:
-    shape = exports.export_shape(binding.target)
-    if shape in ("create", "get"):
-        async with runtime.call(binding, inputs) as response:
-            export = await read_answer(response)
-        if not isinstance(export, dict) or "id" not in export:
-            raise ExportError("GoatCounter did not answer with an export")
-        return Outcome(exports.summarize(export), export_structure(export))
-    if shape == "download":
-        inputs = runtime.validate(binding, inputs)
-        export_id = int(runtime.resolve_with(binding, inputs)["id"])
-        ops = exports.find_ops(runtime, binding.target.consumes.namespace)
-        export = await exports.get_export(runtime, ops, export_id)
-        offset = int(extras.get("offset", 0))
-        limit = int(extras.get("limit", exports.DEFAULT_PAGE_ROWS))
-        page = await exports.read_page(runtime, ops, export, offset, limit)
-        if isinstance(page, exports.NotReady):
-            text = f"Export {export_id} is {page.message}. Wait a few seconds, then call download-export again."
-            return Outcome(text, {"export_id": export_id, "ready": False, "message": page.message})
-        return page_outcome(page)
-    return None
-
-
-def page_outcome(page: exports.CsvPage) -> Outcome:
+def csv_resource(export_id: int, offset: int, columns: list[str], rows: list[list[str]]) -> EmbeddedText:
+    """Rows of an export as an embedded text/csv resource, header first."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(page.columns)
-    writer.writerows(page.rows)
+    csv.writer(buffer, lineterminator="\n").writerows([columns, *rows] if columns else [])
+    uri = f"goatcounter-export://{export_id}/rows?offset={offset}&limit={len(rows)}"
+    return EmbeddedText(uri, "text/csv", buffer.getvalue())
+
+
+def page_result(page: CsvPage) -> ToolResult:
     end = page.offset + len(page.rows)
-    integrity = {True: "SHA-256 verified", False: "SHA-256 MISMATCH: do not trust this file", None: "no hash to check"}
+    checked = "SHA-256 verified" if page.hash_checked else "no hash to check"
     text = (
         f"Export {page.export_id}: rows {page.offset}..{max(end - 1, page.offset)} of {page.total_rows} "
-        f"({len(page.rows)} returned; {integrity[page.hash_ok]}). "
+        f"({len(page.rows)} returned; {checked}). "
         + (f"Call again with offset={page.next_offset} for more." if page.has_more else "No more rows.")
     )
     structured = {
@@ -129,23 +168,169 @@ def page_outcome(page: exports.CsvPage) -> Outcome:
         "total_rows": page.total_rows,
         "has_more": page.has_more,
         "next_offset": page.next_offset,
-        "hash_ok": page.hash_ok,
+        "hash_ok": True if page.hash_checked else None,
         "format_version": page.version,
     }
-    uri = f"goatcounter-export://{page.export_id}/rows?offset={page.offset}&limit={len(page.rows)}"
-    return Outcome(text, structured, EmbeddedText(uri, "text/csv", buffer.getvalue()), is_error=page.hash_ok is False)
+    return ToolResult(text, structured, csv_resource(page.export_id, page.offset, page.columns, page.rows))
 
 
-def explain_error(error: ApiError) -> str:
-    advice = {
-        401: "The GoatCounter API key was refused. Check GOATCOUNTER_API_KEY (Settings > API in GoatCounter).",
-        403: "The API key lacks the 'export' permission. Create a key with export permission in GoatCounter.",
-        404: "There is no such export on this site. Create one with create-csv-export.",
-        429: "GoatCounter is rate limiting: "
-        + (f"wait {error.retry_after:.0f} seconds before trying again." if error.retry_after else "wait, then retry.")
-        + " Creating exports is allowed once an hour.",
-    }.get(error.status)
-    if error.status == 400 and "deleted" in error.message:
-        advice = "Export files are kept 24 hours; create a new export."
-    text = f"GoatCounter answered {error.status}: {error.message}."
-    return f"{text} {advice}" if advice else text
+def export_structure(export: Export) -> dict[str, Any]:
+    keep = EXPORT_OBJECT_OUTPUT["properties"]
+    return {**{k: v for k, v in export.document.items() if k in keep}, "state": export.status}
+
+
+class GoatCounterTools:
+    """The tool provider of one GoatCounter namespace (see adapters/tools.py for the protocol)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        bindings: Sequence[Binding],
+        reader: ExportReader,
+        job: Callable[[Progress], ExportJob],
+        database: Path,
+    ) -> None:
+        self.runtime = runtime
+        self.reader = reader
+        self.job = job
+        self.database = database
+        self.bindings = {b.name: b for b in bindings if export_shape(b.target) is not None}
+
+    def tools(self) -> list[Tool]:
+        shaped = [self._shaped(b) for b in self.bindings.values()]
+        return [
+            *shaped,
+            Tool(
+                "export-pageviews",
+                "Export a site's pageviews in one call: create (or reuse a recent) export, wait for it, download and "
+                "verify it. Returns totals, top paths and the first rows, never the whole file.",
+                EXPORT_JOB_INPUT,
+                EXPORT_JOB_OUTPUT,
+                annotations=Annotations(read_only=False, destructive=False, idempotent=False, open_world=True),
+            ),
+            Tool(
+                "pageview-stats",
+                "Answer questions about traffic from the local copy that `goatcounter-exports sync` keeps: top "
+                "paths, referrers, locations, browsers, systems, screen sizes, daily counts or the total, over a "
+                "date range.",
+                STATS_INPUT,
+                STATS_OUTPUT,
+                annotations=Annotations(read_only=True, destructive=False, idempotent=True, open_world=False),
+            ),
+        ]
+
+    def _shaped(self, binding: Binding) -> Tool:
+        schema = binding_arguments(self.runtime, binding)
+        download = export_shape(binding.target) == "download"
+        if download:
+            schema["properties"] = {**schema["properties"], **PAGE_ARGUMENTS}
+        return Tool(
+            name=binding.name,
+            description=binding.description or binding.target.operation.description,
+            input_schema=schema,
+            output_schema=PAGE_OUTPUT if download else EXPORT_OBJECT_OUTPUT,
+            title=binding.description or None,
+            annotations=annotations_of(binding),
+        )
+
+    async def call(self, name: str, arguments: dict[str, Any], progress: Progress) -> ToolResult:
+        if name == "export-pageviews":
+            return await self.export_pageviews(arguments, progress)
+        if name == "pageview-stats":
+            return await self.pageview_stats(arguments)
+        binding = self.bindings[name]
+        inputs = binding_inputs(self.runtime, binding, arguments)
+        if export_shape(binding.target) == "download":
+            export_id = int(self.runtime.resolve_with(binding, inputs)["id"])
+            return await self.download_page(export_id, arguments)
+        async with self.runtime.send(binding, inputs) as response:
+            export = Export.parse(await response.document())
+        return ToolResult(export.summary(), export_structure(export))
+
+    async def download_page(self, export_id: int, arguments: dict[str, Any]) -> ToolResult:
+        export = await self.reader.get(export_id)
+        if export.status == "running":
+            message = "still being generated"
+            text = f"Export {export_id} is {message}. Wait a few seconds, then call download-export again."
+            return ToolResult(text, {"export_id": export_id, "ready": False, "message": message})
+        offset = int(arguments.get("offset", 0))
+        limit = int(arguments.get("limit", DEFAULT_PAGE_ROWS))
+        return page_result(await self.reader.page(export, offset, limit))
+
+    async def export_pageviews(self, arguments: dict[str, Any], progress: Progress) -> ToolResult:
+        job = self.job(progress)
+        start = int(arguments.get("start_from_hit_id", 0))
+        export, reused = await job.create_or_reuse(start)
+        await progress(f"export {export.id} {'reused' if reused else 'created'}", 0, None)
+        export = await job.wait(export, float(arguments.get("timeout_seconds", 300)))
+        preview_rows = int(arguments.get("preview_rows", PREVIEW_ROWS))
+        columns: list[str] = []
+        preview: list[list[str]] = []
+        paths: dict[str, int] = {}
+        total = 0
+        async with self.reader.open(export, progress) as file:
+            async for record in file.records():  # raises on a hash mismatch
+                if not columns:
+                    columns.extend(split_header(record)[1])
+                    continue
+                total += 1
+                paths[record[0]] = paths.get(record[0], 0) + 1
+                if len(preview) < preview_rows:
+                    preview.append(record)
+        top = sorted(paths.items(), key=lambda item: (-item[1], item[0]))[:10]
+        text = (
+            f"Export {export.id} ({'reused' if reused else 'new'}): {total} pageviews after hit {start}, "
+            f"SHA-256 verified. Top paths: "
+            + (", ".join(f"{p} ({n})" for p, n in top) or "none")
+            + f". First {len(preview)} rows attached. Next incremental export: start_from_hit_id="
+            f"{export.last_hit_id}."
+        )
+        structured = {
+            "export_id": export.id,
+            "reused": reused,
+            "total_rows": total,
+            "columns": columns,
+            "start_from_hit_id": start,
+            "last_hit_id": export.last_hit_id if export.last_hit_id is not None else start,
+            "hash_ok": True,
+            "top_paths": [{"path": p, "pageviews": n} for p, n in top],
+        }
+        return ToolResult(text, structured, csv_resource(export.id, 0, columns, preview))
+
+    async def pageview_stats(self, arguments: dict[str, Any]) -> ToolResult:
+        answer = await asyncio.to_thread(
+            stats.ask,
+            self.database,
+            arguments["question"],
+            since=arguments.get("since"),
+            until=arguments.get("until"),
+            path_prefix=arguments.get("path_prefix"),
+            include_bots=bool(arguments.get("include_bots", False)),
+            limit=int(arguments.get("limit", 10)),
+        )
+        span = f" from {answer.since or 'the start'} to {answer.until or 'now'}"
+        lines = [f"{answer.total_pageviews} pageviews{span} in the synced database."]
+        lines += [f"{row['value'] or '(none)'}: {row['pageviews']}" for row in answer.rows]
+        structured = {"question": answer.question, "total_pageviews": answer.total_pageviews, "rows": answer.rows}
+        return ToolResult("\n".join(lines), structured)
+
+    def explain(self, error: GoatcounterExportsError) -> str | None:
+        if isinstance(error, ExportDeleted):
+            return f"{error}. Export files are kept 24 hours; create a new export."
+        if not isinstance(error, ApiError):
+            return None
+        advice = {
+            401: "The GoatCounter API key was refused. Check GOATCOUNTER_API_KEY (Settings > API in GoatCounter).",
+            403: "The API key lacks the 'export' permission. Create a key with export permission in GoatCounter.",
+            404: "There is no such export on this site. Create one with create-csv-export.",
+            429: "Rate limited: "
+            + (
+                f"wait {error.retry_after:.0f} seconds before trying again."
+                if error.retry_after
+                else "wait, then retry."
+            )
+            + " Creating exports is allowed once an hour.",
+        }.get(error.status)
+        who = "This gateway refused the call locally" if error.local else "GoatCounter answered"
+        text = f"{who} ({error.status}): {error.message}."
+        return f"{text} {advice}" if advice else text

@@ -17,7 +17,8 @@ import jsonschema
 from jsonschema.exceptions import ValidationError
 
 from ..errors import SpecError
-from .loader import Document, build_spec, format_path, parse_yaml
+from .loader import Document, build_spec, parse_yaml
+from .models import format_path
 from .resolve import resolve
 
 SCHEMA_NAME = "naftiko-schema-1.0.0-alpha2.json"

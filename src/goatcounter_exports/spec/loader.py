@@ -18,7 +18,8 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import SpecError
-from .models import Spec
+from .models import Spec, format_path
+from .resolve import resolve
 
 SUPPORTED_VERSIONS = ("1.0.0-alpha2",)
 DEFAULT_SPEC_NAME = "goatcounter-exports.yaml"
@@ -65,13 +66,6 @@ class Document:
 
     def error(self, message: str, path: tuple[str | int, ...]) -> SpecError:
         return SpecError(message, path=format_path(path), line=self.line_of(path), source=self.source)
-
-
-def format_path(path: tuple[str | int, ...]) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
 
 
 def parse_yaml(text: str, source: str) -> Document:
@@ -170,8 +164,6 @@ def build_spec(doc: Document) -> Spec:
 
 
 def load_text(text: str, source: str = "<string>") -> Spec:
-    from .resolve import resolve  # resolve needs format_path from here
-
     doc = parse_yaml(text, source)
     spec = build_spec(doc)
     problems = [p for p in resolve(spec).problems if p.level == "error"]

@@ -170,9 +170,22 @@ class Spec(Model):
         return self.binds + self.capability.binds
 
     @property
+    def bound_variables(self) -> tuple[str, ...]:
+        """The environment variables the binds name (their provider keys), each once, in order."""
+        return tuple(dict.fromkeys(key for bind in self.all_binds for key in bind.keys.values()))
+
+    @property
     def rest_exposes(self) -> tuple[RestExpose, ...]:
         return tuple(e for e in self.capability.exposes if isinstance(e, RestExpose))
 
     @property
     def mcp_exposes(self) -> tuple[McpExpose, ...]:
         return tuple(e for e in self.capability.exposes if isinstance(e, McpExpose))
+
+
+def format_path(path: tuple[str | int, ...]) -> str:
+    """`("capability", "exposes", 0, "port")` -> `capability.exposes[0].port`, as messages show it."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text

@@ -26,6 +26,7 @@ from .models import (
     RestExpose,
     Spec,
     WithValue,
+    format_path,
 )
 
 Key = tuple[str | int, ...]
@@ -42,8 +43,6 @@ class Problem:
 
     @property
     def path(self) -> str:
-        from .loader import format_path
-
         return format_path(self.key)
 
 

@@ -1,6 +1,6 @@
 """Run a real GoatCounter on 127.0.0.1, for the test bed and `goatcounter-exports demo`.
 
-    binary = find_binary()                      # installed by scripts/install-goatcounter
+    binary = find_binary(cache_dir=settings.cache_dir)   # installed by scripts/install-goatcounter
     with LocalGoatCounter(binary, workdir) as gc:
         gc.seed(["/a", "/b"])                   # POST /api/v0/count, then wait until stored
         gc.url, gc.export_key                   # point the capability here
@@ -9,6 +9,8 @@ Everything lives in `workdir`: the SQLite database, the server log (`serve.log`)
 export files (GoatCounter writes them to its TMPDIR, which is set to `workdir/tmp`).
 Starting again on the same `workdir` reuses the database and its tokens, so a test can
 restart the server with other rate limits and keep its data.
+
+It lives apart from the GoatCounter domain modules (goatcounter/): it is equipment, not knowledge.
 
 GoatCounter v2.6+ does not keep individual pageviews (the `hits` table that CSV exports
 read) unless the site's "Individual pageviews" collect flag is set; sites made here get it
@@ -40,6 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from .errors import GoatCounterNotInstalled, LocalGoatCounterError
+
 GOATCOUNTER_VERSION = "v2.7.0"
 BINARY_NAME = f"goatcounter-{GOATCOUNTER_VERSION}"
 # GoatCounter's main branch at the commit scripts/install-goatcounter pins (`main_commit` there):
@@ -58,34 +62,11 @@ COUNT_BATCH = 500
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class LocalGoatCounterError(RuntimeError):
-    """The local GoatCounter could not be installed, started or used."""
-
-
-class GoatCounterNotInstalled(LocalGoatCounterError):
-    """No GoatCounter binary was found."""
-
-
-def default_cache_dir(env: Mapping[str, str]) -> Path:
-    """The cache shared by all clones: the same rule as scripts/install-goatcounter."""
-    if explicit := env.get("GOATCOUNTER_EXPORTS_CACHE"):
-        return Path(explicit)
-    xdg = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
-    return Path(xdg) / "goatcounter-exports"
-
-
-def default_binary_path(env: Mapping[str, str]) -> Path:
-    """Where scripts/install-goatcounter puts the binary."""
-    return default_cache_dir(env) / "bin" / BINARY_NAME
-
-
-def find_binary(
-    explicit: str | os.PathLike[str] | None = None, *, cache_dir: Path | None = None, name: str = BINARY_NAME
-) -> Path:
+def find_binary(explicit: str | os.PathLike[str] | None = None, *, cache_dir: Path, name: str = BINARY_NAME) -> Path:
     """The GoatCounter binary to run.
 
     In order: `explicit` (an error when it is not an executable file), then the cache of
-    scripts/install-goatcounter (`cache_dir`, by default from the environment), then
+    scripts/install-goatcounter (`cache_dir`: `Settings.cache_dir`), then
     `goatcounter` on PATH. Raises GoatCounterNotInstalled naming the install script.
     Another `name` (MAIN_BINARY_NAME) is looked for in the cache only: `goatcounter` on PATH
     is no particular version.
@@ -98,7 +79,7 @@ def find_binary(
             f"GoatCounter binary {str(path)!r} does not exist or is not executable; "
             f"run {INSTALL_SCRIPT} to install GoatCounter {GOATCOUNTER_VERSION}"
         )
-    cached = (cache_dir if cache_dir is not None else default_cache_dir(os.environ)) / "bin" / name
+    cached = cache_dir / "bin" / name
     if cached.is_file() and os.access(cached, os.X_OK):
         return cached
     if name != BINARY_NAME:

@@ -1,4 +1,4 @@
-"""The test bed itself: a real GoatCounter v2.7.0 started by goatcounter.local.
+"""The test bed itself: a real GoatCounter v2.7.0 started by goatcounter_exports.testbed.
 
 These tests need the binary from scripts/install-goatcounter; without it they fail (never
 skip) with an error that names the script.
@@ -11,21 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from goatcounter_exports.goatcounter.local import (
-    BINARY_NAME,
-    GOATCOUNTER_VERSION,
-    INSTALL_SCRIPT,
-    GoatCounterNotInstalled,
-    LocalGoatCounter,
-    default_binary_path,
-    default_cache_dir,
-    find_binary,
-)
+from goatcounter_exports.errors import GoatCounterNotInstalled
+from goatcounter_exports.settings import default_cache_dir
+from goatcounter_exports.testbed import BINARY_NAME, GOATCOUNTER_VERSION, INSTALL_SCRIPT, LocalGoatCounter, find_binary
+
+from .support import goatcounter_binary
 
 
 @pytest.fixture(scope="module")
 def fresh_goatcounter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGoatCounter]:
-    with LocalGoatCounter(find_binary(), tmp_path_factory.mktemp("goatcounter")) as gc:
+    with LocalGoatCounter(goatcounter_binary(), tmp_path_factory.mktemp("goatcounter")) as gc:
         yield gc
 
 
@@ -63,12 +58,11 @@ def test_default_cache_dir_follows_the_install_script() -> None:
     assert default_cache_dir({"GOATCOUNTER_EXPORTS_CACHE": "/c", "XDG_CACHE_HOME": "/x"}) == Path("/c")
     assert default_cache_dir({"XDG_CACHE_HOME": "/x", "HOME": "/h"}) == Path("/x/goatcounter-exports")
     assert default_cache_dir({"HOME": "/h"}) == Path("/h/.cache/goatcounter-exports")
-    assert default_binary_path({"HOME": "/h"}) == Path("/h/.cache/goatcounter-exports/bin") / BINARY_NAME
 
 
 def test_find_binary_names_the_install_script_when_missing(tmp_path: Path) -> None:
     with pytest.raises(GoatCounterNotInstalled, match=INSTALL_SCRIPT):
-        find_binary(tmp_path / "no-such-goatcounter")
+        find_binary(tmp_path / "no-such-goatcounter", cache_dir=tmp_path)
 
 
 def test_find_binary_prefers_the_cache(tmp_path: Path) -> None:

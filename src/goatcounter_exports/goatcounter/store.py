@@ -1,0 +1,144 @@
+"""What this installation remembers between calls and processes: exports it created, and the budget.
+
+One small SQLite file (WAL, so REST, MCP and CLI processes can share it), opened once per
+process. Its one connection lives on a thread of its own, so the event loop never waits
+on SQLite: every method is a coroutine that runs its statements there. GoatCounter allows
+one export an hour per client IP by default, and a refused POST still spends the hour, so
+every create is recorded with the `X-Rate-Limit-*` headers it came back with. The budget
+is keyed by upstream host: every site on goatcounter.com shares one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from ..errors import StateError
+
+T = TypeVar("T")
+
+SCHEMA = """
+create table if not exists exports (
+    api_uri text not null,
+    export_id integer not null,
+    created_at real not null,
+    start_from_hit_id integer not null,
+    idempotency_key text,
+    primary key (api_uri, export_id)
+);
+create unique index if not exists exports_idempotency on exports (api_uri, idempotency_key)
+    where idempotency_key is not null;
+create table if not exists budgets (
+    host text primary key,
+    limit_per_window integer,
+    remaining integer not null,
+    reset_at real not null
+);
+"""
+STATE_FILE = "state.sqlite3"
+RECENT_EXPORT_SECONDS = 24 * 3600  # GoatCounter keeps export files a day: older ones are of no use
+
+
+def budget_host(api_uri: str) -> str:
+    """The rate-limit domain: `*.goatcounter.com` is one server, anything else its own host:port."""
+    netloc = urlsplit(api_uri).netloc.rpartition("@")[2].lower()
+    return "goatcounter.com" if netloc == "goatcounter.com" or netloc.endswith(".goatcounter.com") else netloc
+
+
+@dataclass(frozen=True)
+class Budget:
+    limit: int | None
+    remaining: int
+    reset_at: float
+
+    def exhausted(self, now: float) -> bool:
+        return self.remaining <= 0 and now < self.reset_at
+
+    def retry_after(self, now: float) -> int:
+        return max(1, int(self.reset_at - now + 0.999))
+
+
+class StateStore:
+    """The state file, opened lazily on first use and closed with `close()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def on_thread() -> T:
+            try:
+                if self._db is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    db.execute("pragma journal_mode=wal")
+                    db.executescript(SCHEMA)
+                    self._db = db
+                return work(self._db)
+            except (sqlite3.Error, OSError) as exc:
+                raise StateError(f"the state store {self.path.name} cannot be used: {exc}") from None
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, on_thread)
+
+    def close(self) -> None:
+        def close_on_thread() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        self._thread.submit(close_on_thread).result()
+        self._thread.shutdown()
+
+    async def record_export(
+        self, api_uri: str, export_id: int, start: int, key: str | None, now: float | None = None
+    ) -> None:
+        created = now or time.time()
+        await self._run(
+            lambda db: db.execute(
+                "insert or replace into exports values (?, ?, ?, ?, ?)", (api_uri, export_id, created, start, key)
+            )
+        )
+
+    async def export_for_key(self, api_uri: str, key: str) -> int | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "select export_id from exports where api_uri = ? and idempotency_key = ?", (api_uri, key)
+            ).fetchone()
+        )
+        return int(row[0]) if row else None
+
+    async def latest_export(self, api_uri: str, since: float, start: int | None = None) -> int | None:
+        """The id of the newest export created here since `since`, for that start when given."""
+        query = "select export_id from exports where api_uri = ? and created_at >= ?"
+        args: list[object] = [api_uri, since]
+        if start is not None:
+            query += " and start_from_hit_id = ?"
+            args.append(start)
+        row = await self._run(lambda db: db.execute(query + " order by created_at desc limit 1", args).fetchone())
+        return int(row[0]) if row else None
+
+    async def save_budget(
+        self, api_uri: str, limit: int | None, remaining: int, reset_in: float, now: float | None = None
+    ) -> None:
+        reset_at = (now or time.time()) + reset_in
+        await self._run(
+            lambda db: db.execute(
+                "insert or replace into budgets values (?, ?, ?, ?)", (budget_host(api_uri), limit, remaining, reset_at)
+            )
+        )
+
+    async def budget(self, api_uri: str) -> Budget | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "select limit_per_window, remaining, reset_at from budgets where host = ?", (budget_host(api_uri),)
+            ).fetchone()
+        )
+        return Budget(row[0], int(row[1]), float(row[2])) if row else None
