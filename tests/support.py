@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -163,7 +164,6 @@ def silent_server() -> Iterator[str]:
 
 def call_tool(url: str, name: str, arguments: dict[str, Any]) -> Any:
     """One tool call with the SDK's client over streamable HTTP."""
-    import asyncio
 
     from mcp import Client
 
@@ -197,6 +197,21 @@ def poll_export(client: httpx.Client, base: str, export_id: int, timeout: float 
             return export
         time.sleep(0.3)
     raise AssertionError(f"export {export_id} did not finish in {timeout}s")
+
+
+async def poll_export_async(client: httpx.AsyncClient, export_id: int) -> dict[str, Any]:
+    """`poll_export` for an in-process client whose base URL is the REST app (gives up after 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = await client.get(f"/v1/export/{export_id}")
+        assert response.status_code == 200, response.text
+        export: dict[str, Any] = response.json()
+        if export.get("error"):
+            raise AssertionError(f"export failed: {export['error']}")
+        if export.get("finished_at"):
+            return export
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"export {export_id} did not finish in 60s")
 
 
 class RecordingProxy:

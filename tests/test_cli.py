@@ -228,3 +228,28 @@ def test_readme_export_sync_cron_and_query_commands_work_as_written(tmp_path: Pa
         answer = subprocess.run(query, shell=True, env=env, capture_output=True, text=True)  # noqa: S602
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.splitlines() == ["/cron-a|2", "/cron-b|1"]
+
+
+def test_readme_fast_tier_command_selects_the_in_process_tier() -> None:
+    assert "`.venv/bin/python -m pytest -m fast`" in README
+    run = subprocess.run(
+        [
+            str(ROOT / ".venv/bin/python"),
+            "-m",
+            "pytest",
+            "-m",
+            "fast",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    collected = [line for line in run.stdout.splitlines() if "::" in line]
+    assert any(line.startswith("tests/test_inprocess.py::") for line in collected)
+    assert not any(line.startswith(("tests/test_rest.py::", "tests/test_workflow.py::")) for line in collected)

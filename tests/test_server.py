@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from goatcounter_exports.server import Listener, bind
+
+pytestmark = pytest.mark.fast
 
 
 def test_listening_socket_is_tcp_so_asyncio_turns_nagle_off() -> None:

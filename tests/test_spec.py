@@ -13,6 +13,8 @@ from goatcounter_exports.spec.expressions import jsonpath_get
 
 from .support import SEED
 
+pytestmark = pytest.mark.fast
+
 
 def seed_text() -> str:
     return SEED.read_text("utf-8")

@@ -12,6 +12,8 @@ from goatcounter_exports.errors import InputError
 from goatcounter_exports.goatcounter.profile import adapt_create_body, site_api_url
 from goatcounter_exports.goatcounter.versions import format_from_api_doc, format_from_version
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(
     ("version", "expected"),
