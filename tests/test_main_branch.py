@@ -13,6 +13,8 @@ import gzip
 import io
 import json
 import re
+import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,9 @@ import pytest
 
 from goatcounter_exports.testbed import MAIN_BINARY_NAME, MAIN_COMMIT, LocalGoatCounter
 
+from . import main_scenario
 from .conftest import service_env
-from .support import ROOT, SERVE, RecordingProxy, goatcounter_binary, poll_export, running
+from .support import ROOT, SERVE, RecordingProxy, goatcounter_binary, poll_export, run_cli, running
 
 pytestmark = pytest.mark.main_branch
 
@@ -82,3 +85,47 @@ def test_csv_export_on_main_through_rest(goatcounter_main: LocalGoatCounter, tmp
     assert Counter(row["2Path"] for row in rows) == Counter(MAIN_PATHS)
     assert finished["num_rows"] == len(MAIN_PATHS)
     assert finished["last_hit_id"] == goatcounter_main.max_hit_id()
+
+
+@pytest.fixture
+def default_site(tmp_path: Path) -> Iterator[LocalGoatCounter]:
+    """A goatcounter.com-like site: main, with Individual pageviews off (the default for new sites)."""
+    with LocalGoatCounter(goatcounter_binary(MAIN_BINARY_NAME), tmp_path / "gc", collect_hits=False) as instance:
+        for key in (instance.export_key, instance.siteread_key):
+            instance.request("GET", "/api/v0/me", key=key)  # main's first request of a new key is a 404
+        yield instance
+
+
+def synced_visitors(database: Path) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    query = (
+        "select substr(s.hour, 1, 10), p.path, sum(s.count) from hit_stats s "
+        "join paths p on p.site = s.site and p.id = s.path_id group by 1, 2"
+    )
+    with sqlite3.connect(database) as db:
+        for day, path, count in db.execute(query):
+            found.setdefault(day, {})[path] = count
+    return found
+
+
+def test_a_default_site_syncs_exactly_from_json_exports_and_explains_its_empty_csv(
+    default_site: LocalGoatCounter, tmp_path: Path
+) -> None:
+    database = tmp_path / "copy.sqlite3"
+    env = service_env(default_site, tmp_path / "state", GOATCOUNTER_EXPORTS_DB=str(database))
+    main_scenario.seed(default_site)  # three past days and today
+    first = run_cli(["sync"], env)  # auto: JSON, which main has
+    assert first.returncode == 0, first.stderr
+    assert synced_visitors(database) == main_scenario.visitors_by_day_path(default_site)
+    main_scenario.seed_more(default_site)  # more today: the last synced day, whose numbers were partial
+    time.sleep(1.1)  # exports made in the same second share one file on main
+    second = run_cli(["sync"], env)
+    assert second.returncode == 0, second.stderr
+    assert synced_visitors(database) == main_scenario.visitors_by_day_path(default_site)
+    # The CSV path on the same site: explained after the fact with an export key, refused before with site_read.
+    time.sleep(1.1)
+    exported = run_cli(["export", "--format", "csv", "-o", str(tmp_path / "views.csv")], env)
+    assert exported.returncode == 0, exported.stderr
+    assert "Individual pageviews" in exported.stderr
+    refused = run_cli(["sync", "--format", "csv"], {**env, "GOATCOUNTER_API_KEY": default_site.siteread_key})
+    assert refused.returncode == 2 and "still spend the hourly export budget" in refused.stderr

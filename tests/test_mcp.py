@@ -85,7 +85,7 @@ def check_tools(tools: list[Any]) -> None:
     assert all(tool.output_schema and tool.description for tool in tools)
     assert by_name["pageview-stats"].annotations.read_only_hint is True
     assert by_name["pageview-stats"].annotations.open_world_hint is False  # local data only
-    assert set(by_name["download-export"].input_schema["properties"]) == {"id", "offset", "limit"}
+    assert set(by_name["download-export"].input_schema["properties"]) == {"id", "offset", "limit", "table"}
 
 
 def test_sdk_client_over_http_exports_and_pages_through_the_seeded_pageviews(service: Service) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from goatcounter_exports import errors
 from goatcounter_exports.app import build_app
-from goatcounter_exports.errors import ConfigError
+from goatcounter_exports.errors import ConfigError, ExportDeleted
+from goatcounter_exports.goatcounter.exportfile import refusal
+from goatcounter_exports.goatcounter.exports import Export
 from goatcounter_exports.settings import Settings
 from goatcounter_exports.spec import load_default
+from goatcounter_exports.upstream import UpstreamResponse
 
 pytestmark = pytest.mark.fast
 
@@ -77,3 +83,24 @@ def test_every_error_has_one_exit_code_and_one_http_status() -> None:
     assert [(errors.exit_code(e), errors.http_status(e)) for e, _, _ in cases] == [(c, s) for _, c, s in cases]
     assert isinstance(cases[3][0], errors.RateLimited)
     assert errors.exit_code(KeyboardInterrupt()) == 130
+
+
+@pytest.mark.parametrize(
+    ("status", "finished", "deleted"),
+    [
+        (400, "2026-11-26T09:00:00Z", True),  # GoatCounter's own words: "... this export file has been deleted"
+        (500, "2020-01-01T09:00:00Z", True),  # after its daily clean-up the download answers 500
+        (500, None, False),  # a 500 of an export made within the day is another failure, and says so
+    ],
+)
+def test_a_deleted_export_file_is_told_apart_from_other_refusals(
+    status: int, finished: str | None, deleted: bool
+) -> None:
+    message = "exports are kept for 24 hours; this export file has been deleted" if status == 400 else "oops"
+    response = UpstreamResponse(
+        status, {"Content-Type": "text/plain"}, "gc", body=json.dumps({"error": message}).encode()
+    )
+    finished_at = finished or datetime.now(UTC).isoformat()
+    error = asyncio.run(refusal(Export({"id": 3, "finished_at": finished_at}), response))
+    assert isinstance(error, ExportDeleted) is deleted
+    assert errors.http_status(error) == (410 if deleted else 500)

@@ -10,12 +10,16 @@ import io
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from goatcounter_exports.app import build_app
 from goatcounter_exports.errors import ExportError
 from goatcounter_exports.goatcounter.exportfile import RecordStream, split_header
+from goatcounter_exports.settings import Settings
+from goatcounter_exports.spec import load_default
 from goatcounter_exports.testbed import LocalGoatCounter
 from mcp import Client
 
@@ -231,3 +235,29 @@ def test_export_exit_code_on_upstream_error(fresh: LocalGoatCounter, tmp_path: P
     assert run.returncode == 4
     assert "401" in run.stderr and "not-a-key" not in run.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_two_sites_share_one_database_and_never_mix(tmp_path: Path) -> None:
+    """Two sites synced into the default database: each site's questions count its own pageviews only."""
+    with LocalGoatCounter(goatcounter_binary(), tmp_path / "gc", extra_vhosts=["localhost"]) as gc:
+        one, two = gc.sites
+        gc.seed(["/shared"] * 3 + ["/one"], site=one)
+        gc.seed(["/shared"] * 5, site=two)
+        database = tmp_path / "views.sqlite3"
+        for site in (one, two):
+            env = service_env(gc, tmp_path / site.vhost, GOATCOUNTER_URL=site.url, GOATCOUNTER_EXPORTS_DB=str(database))
+            env["GOATCOUNTER_API_KEY"] = site.export_key
+            assert run_cli(["sync"], env).returncode == 0
+
+        async def ask(site_url: str, key: str) -> dict[str, object]:
+            settings = Settings(site_url=site_url, secrets={"GOATCOUNTER_API_KEY": key}, state_dir=tmp_path / "s")
+            app = build_app(load_default(), replace(settings, database_path=database))
+            async with app, Client(app.mcp_server()) as client:
+                result = await client.call_tool("pageview-stats", {"question": "top_paths"})
+            assert not result.is_error, result.content
+            return dict(result.structured_content or {})
+
+        first, second = asyncio.run(ask(one.url, one.export_key)), asyncio.run(ask(two.url, two.export_key))
+    assert first["rows"] == [{"value": "/shared", "pageviews": 3}, {"value": "/one", "pageviews": 1}]
+    assert second["rows"] == [{"value": "/shared", "pageviews": 5}]
+    assert first["total_pageviews"] == 4 and second["total_pageviews"] == 5

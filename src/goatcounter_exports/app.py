@@ -35,8 +35,10 @@ from .goatcounter.exports import ExportOps
 from .goatcounter.openapi import GoatCounterOpenApi
 from .goatcounter.profile import GoatCounterProfile, is_goatcounter, site_api_url
 from .goatcounter.rest import GoatCounterRest
+from .goatcounter.site import SiteProbe
 from .goatcounter.store import STATE_FILE, StateStore
 from .goatcounter.tools import GoatCounterTools
+from .goatcounter.versions import CreateBodyStyle
 from .goatcounter.workflow import ExportJob
 from .progress import Progress, no_progress
 from .runtime import Extension, Runtime
@@ -46,6 +48,7 @@ from .spec import Spec
 from .upstream import UpstreamClient
 
 MCP_PATH = "/mcp"
+EXPORTS_DIR = "exports"  # verified local copies of finished exports, in the state directory
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -65,12 +68,17 @@ class GoatCounterParts:
 
     namespace: str
     reader: ExportReader
-    rest: GoatCounterRest
     openapi: GoatCounterOpenApi
     store: StateStore
+    create_body: CreateBodyStyle
+    site: SiteProbe
 
     def job(self, progress: Progress = no_progress) -> ExportJob:
-        return ExportJob(self.reader, self.store, progress)
+        return ExportJob(self.reader, self.store, self.create_body, self.site, progress)
+
+    @property
+    def rest(self) -> GoatCounterRest:
+        return GoatCounterRest(self.reader, self.job().empty_note)
 
 
 @dataclass
@@ -188,7 +196,8 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
     client = client or UpstreamClient(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
     store = StateStore(settings.state_dir / STATE_FILE)
     gc_namespaces = [c.namespace for c in spec.capability.consumes if is_goatcounter(c)]
-    profile = GoatCounterProfile(ExportBudget(store))
+    create_body, site = CreateBodyStyle(), SiteProbe()  # what each server and site told, learnt once
+    profile = GoatCounterProfile(ExportBudget(store), create_body, site)
     extensions: dict[str, list[Extension]] = {namespace: [profile] for namespace in gc_namespaces}
     runtime = Runtime(
         spec, client=client, secrets=settings.secrets, base_uris=base_uris(spec, settings), extensions=extensions
@@ -199,8 +208,7 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
             ops = ExportOps.find(runtime, namespace)
         except SpecError:
             continue  # a GoatCounter API without the export operations: served generically
-        reader = ExportReader(runtime, ops)
-        app.goatcounter[namespace] = GoatCounterParts(
-            namespace, reader, GoatCounterRest(reader), GoatCounterOpenApi(), store
-        )
+        reader = ExportReader(runtime, ops, settings.state_dir / EXPORTS_DIR)
+        parts = GoatCounterParts(namespace, reader, GoatCounterOpenApi(), store, create_body, site)
+        app.goatcounter[namespace] = parts
     return app

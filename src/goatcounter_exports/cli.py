@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -26,7 +27,9 @@ from .errors import (
     RateLimited,
     exit_code,
 )
+from .goatcounter.exports import ExportRequest, Format
 from .goatcounter.sync import sync as run_sync
+from .goatcounter.warehouse import SqliteWarehouse, remove_empty
 from .goatcounter.workflow import write_atomically
 from .progress import reporter
 from .settings import Settings, check_url
@@ -191,27 +194,61 @@ timeout_option = click.option(
 @main.command()
 @spec_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
-@click.option("--since-hit-id", type=click.IntRange(0), default=0, help="Only pageviews after this hit id.")
-@click.option("--gzip", "keep_gzip", is_flag=True, help="Keep GoatCounter's .csv.gz as it is.")
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["csv", "json"]),
+    default="csv",
+    show_default=True,
+    help="csv: individual pageviews; json: the dashboard's statistics, a ZIP (GoatCounter newer than v2.7.0).",
+)
+@click.option("--since-hit-id", type=click.IntRange(0), default=0, help="CSV: only pageviews after this hit id.")
+@click.option("--since-day", type=click.DateTime(["%Y-%m-%d"]), help="JSON: only statistics from this day (UTC) on.")
+@click.option("--gzip", "keep_gzip", is_flag=True, help="CSV: keep GoatCounter's .csv.gz as it is.")
 @timeout_option
-def export(spec_path: str | None, output: Path | None, since_hit_id: int, keep_gzip: bool, timeout: float) -> None:
+def export(
+    spec_path: str | None,
+    output: Path | None,
+    export_format: Format,
+    since_hit_id: int,
+    since_day: datetime | None,
+    keep_gzip: bool,
+    timeout: float,
+) -> None:
     """Create (or reuse) an export, wait for it, download it, verify it, and write it atomically."""
+    if export_format == "json" and (since_hit_id or keep_gzip):
+        fail("--since-hit-id and --gzip are for CSV exports; a JSON export takes --since-day")
+    if export_format == "csv" and since_day is not None:
+        fail("--since-day is for JSON exports (--format json)")
+    request = ExportRequest(export_format, since_hit_id, since_day.date() if since_day else None)
     app = make_app(spec_path)
     report = reporter()
     job = guarded(lambda: app.export_job(report))
 
     async def run() -> None:
         async with app:
-            export, reused = await job.create_or_reuse(since_hit_id)
-            report.line(f"{'Reusing' if reused else 'Created'} export {export.id} (hits after {since_hit_id})")
+            await job.choose_format(export_format)  # refuses a CSV export a site would leave empty
+            export, reused = await job.create_or_reuse(request)
+            what = (
+                f"hits after {since_hit_id}"
+                if export_format == "csv"
+                else f"statistics from {since_day or 'the start'}"
+            )
+            report.line(f"{'Reusing' if reused else 'Created'} export {export.id} ({what})")
             with report.live():
                 export = await job.wait(export, timeout)
-                target = output or Path(f"goatcounter-export-{export.id}.csv" + (".gz" if keep_gzip else ""))
+                suffix = ".zip" if export_format == "json" else ".csv.gz" if keep_gzip else ".csv"
+                target = output or Path(f"goatcounter-export-{export.id}{suffix}")
                 async with job.reader.open(export, report) as file:
-                    await write_atomically(file, target, decompress=not keep_gzip)
-            report.line(
-                f"Wrote {target}: {export.num_rows} rows, SHA-256 verified. Next: --since-hit-id {export.last_hit_id}"
-            )
+                    await write_atomically(file, target, decompress=export_format == "csv" and not keep_gzip)
+            if export_format == "json":
+                report.line(f"Wrote {target}: a ZIP of GoatCounter's statistics, SHA-256 verified.")
+            else:
+                cursor = f"Next: --since-hit-id {export.last_hit_id}"
+                report.line(f"Wrote {target}: {export.num_rows} rows, SHA-256 verified. {cursor}")
+            note = await job.empty_note(export)
+            if note:
+                report.line(f"note: {note}")
 
     run_async(run)
 
@@ -219,22 +256,38 @@ def export(spec_path: str | None, output: Path | None, since_hit_id: int, keep_g
 @main.command()
 @spec_option
 @click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="SQLite database to fill.")
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["auto", "csv", "json"]),
+    default="auto",
+    show_default=True,
+    help="csv: individual pageviews; json: the dashboard's statistics; auto: json where GoatCounter has it.",
+)
 @timeout_option
-def sync(spec_path: str | None, database: Path | None, timeout: float) -> None:
-    """Copy new pageviews into a local SQLite database; run again and again, e.g. from cron."""
+def sync(spec_path: str | None, database: Path | None, export_format: str, timeout: float) -> None:
+    """Copy new data into a local SQLite database; run again and again, e.g. from cron."""
     app = make_app(spec_path)
     report = reporter()
     job = guarded(lambda: app.export_job(report))
     target = database or app.settings.database
+    existed = target.exists()
+    wanted: Format | None = None if export_format == "auto" else export_format  # type: ignore[assignment]
 
     async def run() -> None:
-        async with app:
-            with report.live():
-                result = await run_sync(job, target, wait_seconds=timeout, crash_at=app.settings.crash_at)
-        how = "reused" if result.reused else "new"
-        report.line(
-            f"Synced {result.rows_added} pageviews ({how} export {result.export_id}, hits "
-            f"{result.cursor_before} < id <= {result.cursor_after}) into {target}: {result.total_rows} in all."
-        )
+        warehouse = SqliteWarehouse(target)
+        try:
+            async with app:
+                with report.live():
+                    result = await run_sync(
+                        job, warehouse, export_format=wanted, wait_seconds=timeout, crash_at=app.settings.crash_at
+                    )
+        finally:
+            warehouse.close()
+            if not existed:
+                remove_empty(target)  # a failed first run leaves nothing that looks synced
+        report.line(result.line(target))
+        if result.note:
+            report.line(f"note: {result.note}")
 
     run_async(run)

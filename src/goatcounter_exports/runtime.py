@@ -203,6 +203,18 @@ class Runtime:
             self._apply_auth(auth, headers, params)
         return UpstreamRequest(target.method, url, tuple(params), headers, body)
 
+    def request_to(
+        self, namespace: str, method: str, path: str, headers: Mapping[str, str] | None = None
+    ) -> UpstreamRequest:
+        """A request to a path of a consumed API that the spec does not declare (an extension's own probe),
+        with the namespace's base URI and authentication."""
+        consumes = next(c for c in self.spec.capability.consumes if c.namespace == namespace)
+        all_headers = {"Accept": "application/json, */*;q=0.5", **(headers or {})}
+        params: list[tuple[str, str]] = []
+        if consumes.authentication is not None:
+            self._apply_auth(consumes.authentication, all_headers, params)
+        return UpstreamRequest(method, self.base_uri(namespace) + path, tuple(params), all_headers)
+
     @asynccontextmanager
     async def call(
         self,

@@ -17,6 +17,15 @@ read) unless the site's "Individual pageviews" collect flag is set; sites made h
 unless `collect_hits=False`, which reproduces a fresh self-hosted install (exports with
 0 rows).
 
+Each site gets three API tokens (`db create apitoken`): `export_key` (export, count),
+`noexport_key` (count) and `siteread_key` (export, count, site_read); with `stats_key=True` also
+`stats_key` (export, count, site_read and stats, 64: a permission `db create apitoken -perm` does
+not accept, so it is set in the database before `serve` starts).
+
+GoatCounter main (a commit build, `goatcounter-main-*`) has one more rate-limit store than
+v2.7.0, `api2` (500 API requests an hour); `NO_RATELIMIT` lifts it there too (v2.7.0 panics
+on that name, so the flag follows the version `<binary> version` reports).
+
 Stdlib only, synchronous, subprocess based. Tokens are secrets: they are never logged and
 are left out of every repr.
 """
@@ -27,6 +36,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -51,15 +61,58 @@ BINARY_NAME = f"goatcounter-{GOATCOUNTER_VERSION}"
 MAIN_COMMIT = "f3c7b792f78b"
 MAIN_BINARY_NAME = f"goatcounter-main-{MAIN_COMMIT}"
 INSTALL_SCRIPT = "scripts/install-goatcounter"
-# Lifts GoatCounter's limits (export:1/3600, api:4/1, api-count:60/120) for ordinary tests.
+# Lifts GoatCounter's limits (export:1/3600, api:4/1, api-count:60/120) for ordinary tests; on a
+# build that has the `api2` store (main: 500/3600), LocalGoatCounter adds NO_RATELIMIT_API2.
 NO_RATELIMIT = "export:1000/1,api:1000/1,api-count:1000/1"
+NO_RATELIMIT_API2 = "api2:1000/1"
 PRIMARY_VHOST = "127.0.0.1"
 # Site setting `collect` flag "Individual pageviews" (goatcounter.CollectHits): store rows in `hits`.
 COLLECT_HITS = 256
+# Site setting `collect` flag "Sessions" (goatcounter.CollectSession): count visitors, not pageviews.
+COLLECT_SESSION = 128
+# API token permission bits (goatcounter.APIPerm*); `db create apitoken -perm` has no name for stats.
+PERM_STATS = 64
 # The most pageviews POST /api/v0/count accepts in one request.
 COUNT_BATCH = 500
+# Statistics tables GoatCounter's `persist hits` task writes for each new visitor, in the order it
+# writes them (each its own transaction): seed() waits for the first and the last.
+_FIRST_STATS_TABLE = ("hit_counts", "total")
+_LAST_STATS_TABLE = ("size_stats", "count")
+
+_TAGGED_RELEASE = re.compile(r"v(\d+)\.(\d+)\.(\d+)")
+_binary_versions: dict[tuple[str, int, int], str] = {}
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def binary_version(binary: Path) -> str:
+    """The version `<binary> version` reports (`v2.7.0`, or `<commit>_<date>` for a commit build).
+
+    Asked once per binary file (path, size, mtime); an empty string when the binary does not say.
+    """
+    stat = binary.stat()
+    key = (str(binary.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _binary_versions:
+        result = subprocess.run(
+            [str(binary), "version"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False
+        )
+        match = re.search(rb"version=([^;\s]+)", result.stdout)
+        _binary_versions[key] = match.group(1).decode() if match else ""
+    return _binary_versions[key]
+
+
+def has_api2_ratelimit(version: str, binary_name: str = "") -> bool:
+    """Whether GoatCounter `version` has the `api2` rate-limit store (main has; v2.7.0 and older do not).
+
+    A tagged release up to v2.7 has none; a commit build (main) has it. Without a version, the
+    binary's name decides (`goatcounter-main-*`).
+    """
+    tagged = _TAGGED_RELEASE.fullmatch(version)
+    if tagged is not None:
+        return (int(tagged.group(1)), int(tagged.group(2))) > (2, 7)
+    if version:
+        return True
+    return binary_name.startswith("goatcounter-main-")
 
 
 def find_binary(explicit: str | os.PathLike[str] | None = None, *, cache_dir: Path, name: str = BINARY_NAME) -> Path:
@@ -107,6 +160,9 @@ class LocalSite:
     password: str = field(repr=False)  # dashboard login
     export_key: str = field(repr=False)  # API token with perms export,count
     noexport_key: str = field(repr=False)  # API token with only count: export calls answer 403
+    siteread_key: str = field(repr=False)  # API token with perms export,count,site_read
+    # API token with perms export,count,site_read,stats; None unless LocalGoatCounter(stats_key=True).
+    stats_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -123,7 +179,10 @@ class HTTPResult:
 class LocalGoatCounter:
     """A real `goatcounter serve` on 127.0.0.1; a context manager (start on enter, stop on exit).
 
-    `ratelimit=None` keeps GoatCounter's own defaults (for tests of rate-limit handling).
+    `ratelimit=None` keeps GoatCounter's own defaults (for tests of rate-limit handling);
+    `NO_RATELIMIT` (the default) lifts them all, `api2` included on a build that has it; any other
+    value is passed to `-ratelimit` as given.
+    `stats_key=True` also makes each site a key with the `stats` permission (`LocalSite.stats_key`).
     `extra_vhosts` adds sites, each with its own user and tokens, chosen by the Host header: e.g.
     "localhost", whose `url` http://localhost:PORT reaches the same server. A vhost must resolve
     to 127.0.0.1 for its `url` to be usable as is (otherwise send the Host header yourself).
@@ -135,6 +194,7 @@ class LocalGoatCounter:
     ratelimit: str | None = NO_RATELIMIT
     extra_vhosts: Sequence[str] = ()
     collect_hits: bool = True
+    stats_key: bool = False
     startup_timeout: float = 30.0
     stop_timeout: float = 10.0
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -144,6 +204,8 @@ class LocalGoatCounter:
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: BufferedWriter | None = field(default=None, init=False, repr=False)
     _wanted_port: int | None = field(default=None, init=False, repr=False)
+    # (site id, session, path) seed() has sent: a path's second view in a session is no new visitor.
+    _seen_visits: set[tuple[int, str, str]] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._wanted_port = self.port  # None: a free port on every start
@@ -186,6 +248,22 @@ class LocalGoatCounter:
     @property
     def noexport_key(self) -> str:
         return self.site.noexport_key
+
+    @property
+    def siteread_key(self) -> str:
+        return self.site.siteread_key
+
+    @property
+    def binary_version(self) -> str:
+        """What `<binary> version` reports, before the server starts (`version` is what /status said)."""
+        return binary_version(self.binary)
+
+    @property
+    def ratelimit_flag(self) -> str | None:
+        """The `-ratelimit` value `serve` gets: `ratelimit`, with `api2` lifted too when it is NO_RATELIMIT."""
+        if self.ratelimit == NO_RATELIMIT and has_api2_ratelimit(self.binary_version, self.binary.name):
+            return f"{NO_RATELIMIT},{NO_RATELIMIT_API2}"
+        return self.ratelimit
 
     @property
     def running(self) -> bool:
@@ -253,13 +331,28 @@ class LocalGoatCounter:
     ) -> None:
         """Count pageviews (a path, or a full hit object of POST /api/v0/count) and wait until stored.
 
-        Uses the site's export key (it has the `count` permission). Waits until the `hits`
-        table (or, without collect_hits, the `hit_counts` totals) has grown by the number sent.
+        Uses the site's export key (it has the `count` permission). What it waits for:
+
+        - with collect_hits (the `hits` table is kept): the site's `hits` rows grew by the number sent;
+        - without: GoatCounter keeps only statistics, which count visitors (a path's first view in a
+          session), not pageviews. Each hit without a `session` gets a session of its own (a new
+          visitor); hits that share a `session` count once per path (GoatCounter's path identity:
+          case-insensitive, events without their leading `/`), and a (session, path) this instance
+          already seeded counts no more; hits with `bot` set count nothing. Then it waits until both
+          the first and the last statistics table GoatCounter writes (`hit_counts`, `size_stats`)
+          grew by that many visitors. A user agent GoatCounter takes for a bot is not foreseen here
+          (the wait then times out): send `bot` for those.
         """
         target = site or self.site
         hits = [{"path": p} if isinstance(p, str) else dict(p) for p in paths]
         if not hits:
             return
+        want_growth = len(hits)
+        if not self.collect_hits:
+            for hit in hits:
+                if not hit.get("session"):
+                    hit["session"] = f"seed-{secrets.token_hex(8)}"
+            want_growth = self._new_visitors(hits, target)
         before = self._stored(target)
         for start in range(0, len(hits), COUNT_BATCH):
             batch = hits[start : start + COUNT_BATCH]
@@ -270,16 +363,26 @@ class LocalGoatCounter:
                 raise LocalGoatCounterError(
                     f"POST /api/v0/count answered {result.status}: {result.body[:500].decode(errors='replace')}"
                 )
-        want = before + len(hits)
+        if not self.collect_hits:
+            self._seen_visits.update((target.site_id, *_visit_key(hit)) for hit in hits if not hit.get("bot"))
+        what = "pageviews" if self.collect_hits else "visitors"
         deadline = time.monotonic() + timeout
-        while (now := self._stored(target)) < want:
+        while True:
+            now = self._stored(target)
+            if all(n - b >= want_growth for n, b in zip(now, before, strict=True)):
+                return
             if not self.running:
-                raise LocalGoatCounterError(f"GoatCounter exited while storing pageviews\n{self._log_tail()}")
+                raise LocalGoatCounterError(f"GoatCounter exited while storing {what}\n{self._log_tail()}")
             if time.monotonic() > deadline:
+                got = min(n - b for n, b in zip(now, before, strict=True))
                 raise LocalGoatCounterError(
-                    f"only {now - before} of {len(hits)} pageviews were stored after {timeout:.0f}s\n{self._log_tail()}"
+                    f"only {got} of {want_growth} {what} were stored after {timeout:.0f}s\n{self._log_tail()}"
                 )
             time.sleep(0.1)
+
+    def visitor_count(self, site: LocalSite | None = None) -> int:
+        """Visitors GoatCounter counted for the site: the sum of `hit_counts.total`."""
+        return self._table_sum(_FIRST_STATS_TABLE, (site or self.site).site_id)
 
     def hit_count(self, site: LocalSite | None = None) -> int:
         """Rows in the `hits` table (what a CSV export reads) for the site."""
@@ -377,13 +480,27 @@ class LocalGoatCounter:
         if site_id is None:
             raise LocalGoatCounterError(f"site {vhost!r} was not created")
         user_id, _ = self._user(site_id)
-        for name, perm in ((f"export-{vhost}", "export,count"), (f"noexport-{vhost}", "count")):
+        tokens = [
+            (f"export-{vhost}", "export,count"),
+            (f"noexport-{vhost}", "count"),
+            (f"siteread-{vhost}", "export,count,site_read"),
+        ]
+        if self.stats_key:
+            tokens.append((f"stats-{vhost}", "export,count,site_read"))
+        for name, perm in tokens:
             if self._token(name) is None:
                 # -user takes a user id, or "<site>,<email>"; the id is simplest.
                 self._run(
                     "db", "create", "apitoken", "-db", self._db_flag(),
                     "-user", str(user_id), "-perm", perm, "-name", name,
                 )  # fmt: skip
+        if self.stats_key:
+            # Before `serve` starts, like every change made here in the database.
+            with self._connect(readonly=False) as conn, conn:
+                conn.execute(
+                    "update api_tokens set permissions = cast(permissions as integer) | ? where name = ?",
+                    (PERM_STATS, f"stats-{vhost}"),
+                )
         if self.collect_hits:
             self._set_collect_hits(site_id)
 
@@ -400,7 +517,15 @@ class LocalGoatCounter:
         site_id = self._site_id(vhost)
         export_key = self._token(f"export-{vhost}")
         noexport_key = self._token(f"noexport-{vhost}")
-        if site_id is None or export_key is None or noexport_key is None:
+        siteread_key = self._token(f"siteread-{vhost}")
+        stats_key = self._token(f"stats-{vhost}") if self.stats_key else None
+        if (
+            site_id is None
+            or export_key is None
+            or noexport_key is None
+            or siteread_key is None
+            or (self.stats_key and stats_key is None)
+        ):
             raise LocalGoatCounterError(f"site {vhost!r} or its API tokens are missing from {self.db_path}")
         return LocalSite(
             site_id=site_id,
@@ -410,6 +535,8 @@ class LocalGoatCounter:
             password=self._password(vhost),
             export_key=export_key,
             noexport_key=noexport_key,
+            siteread_key=siteread_key,
+            stats_key=stats_key,
         )
 
     def _connect(self, *, readonly: bool = True) -> contextlib.closing[sqlite3.Connection]:
@@ -459,18 +586,36 @@ class LocalGoatCounter:
                 settings["collect"] = collect | COLLECT_HITS
                 conn.execute("update sites set settings = ? where site_id = ?", (json.dumps(settings), site_id))
 
-    def _stored(self, site: LocalSite) -> int:
+    def _stored(self, site: LocalSite) -> tuple[int, ...]:
+        """What seed() watches grow: the `hits` rows, or the visitors of the first and last statistics table."""
         if self.collect_hits:
-            return self.hit_count(site)
-        return self._query_int("select coalesce(sum(total), 0) from hit_counts where site_id = ?", site.site_id)
+            return (self.hit_count(site),)
+        return tuple(self._table_sum(table, site.site_id) for table in (_FIRST_STATS_TABLE, _LAST_STATS_TABLE))
+
+    def _table_sum(self, table: tuple[str, str], site_id: int) -> int:
+        name, column = table  # module constants, never user input
+        return self._query_int(f"select coalesce(sum({column}), 0) from {name} where site_id = ?", site_id)  # noqa: S608
+
+    def _new_visitors(self, hits: Sequence[Mapping[str, Any]], site: LocalSite) -> int:
+        """How many of `hits` GoatCounter will count as visitors (see seed)."""
+        counted = [hit for hit in hits if not hit.get("bot")]
+        if not self._site_collect(site.site_id) & COLLECT_SESSION:
+            return len(counted)  # without sessions, every pageview is a first visit
+        return len({(site.site_id, *_visit_key(hit)) for hit in counted} - self._seen_visits)
+
+    def _site_collect(self, site_id: int) -> int:
+        with self._connect() as conn:
+            row = conn.execute("select settings from sites where site_id = ?", (site_id,)).fetchone()
+        return int(json.loads(row[0]).get("collect") or 0) if row else 0
 
     def _serve(self) -> None:
         args = [
             str(self.binary), "serve", "-db", self._db_flag(), "-listen", f"127.0.0.1:{self.port}",
             "-tls", "http", "-automigrate", "-store-every", "1",
         ]  # fmt: skip
-        if self.ratelimit is not None:
-            args += ["-ratelimit", self.ratelimit]
+        ratelimit = self.ratelimit_flag
+        if ratelimit is not None:
+            args += ["-ratelimit", ratelimit]
         self._log = self.log_path.open("ab")
         self._log.write(f"\n--- goatcounter serve on 127.0.0.1:{self.port}\n".encode())
         self._log.flush()
@@ -513,6 +658,16 @@ class LocalGoatCounter:
             return f"(no log at {self.log_path})"
         tail = "\n".join(text.splitlines()[-lines:])
         return f"--- last lines of {self.log_path}:\n{tail}"
+
+
+def _visit_key(hit: Mapping[str, Any]) -> tuple[str, str]:
+    """(session, path) as GoatCounter tells visits apart: paths case-insensitive, an event's without leading `/`."""
+    path = str(hit.get("path", "")).strip()
+    if hit.get("event"):
+        path = path.lstrip("/") or "(no event name)"
+    elif path:
+        path = "/" + path.strip("/")
+    return str(hit.get("session", "")), path.lower()
 
 
 def _free_port() -> int:

@@ -36,6 +36,9 @@ class RestHooks(Protocol):
     def handler(self, binding: Binding) -> Handler | None:
         """A handler for a route this API knows better than a pass-through, or None."""
 
+    async def annotate(self, binding: Binding, document: Any) -> dict[str, str]:
+        """Headers to add to a passed-through JSON answer (e.g. a note on what it means)."""
+
 
 PASSTHROUGH_HEADERS = (
     "Retry-After",
@@ -105,7 +108,12 @@ async def read_inputs(request: Request, binding: Binding, max_body_bytes: int) -
 
 
 async def forward(
-    request: Request, runtime: Runtime, binding: Binding, inputs: dict[str, Any], stack: AsyncExitStack
+    request: Request,
+    runtime: Runtime,
+    binding: Binding,
+    inputs: dict[str, Any],
+    stack: AsyncExitStack,
+    hook: RestHooks | None,
 ) -> Response:
     """Turn the upstream answer into ours. Takes ownership of `stack` (closes it when done)."""
     context = CallContext(idempotency_key=request.headers.get("idempotency-key"))
@@ -117,6 +125,8 @@ async def forward(
         document = parse_json(body)
         if document is not NOT_JSON:
             content = runtime.map_output(binding.outputs, document) if success else document
+            if success and hook is not None:
+                headers.update(await hook.annotate(binding, document))
             return JSONResponse(content, response.status, headers)
         if success:
             return Response(body, response.status, headers, media_type=response.content_type or None)
@@ -147,8 +157,10 @@ def streaming(
 
 
 def endpoint(
-    runtime: Runtime, binding: Binding, handler: Handler | None, max_body_bytes: int
+    runtime: Runtime, binding: Binding, hook: RestHooks | None, max_body_bytes: int
 ) -> Callable[[Request], Awaitable[Response]]:
+    handler = hook.handler(binding) if hook is not None else None
+
     async def handle(request: Request) -> Response:
         stack = AsyncExitStack()
         streamed = False  # a streamed body closes the upstream response itself, when it ends
@@ -157,7 +169,7 @@ def endpoint(
             inputs = runtime.validate(binding, raw, from_strings=True)
             if handler is not None:
                 return await handler(request, inputs)
-            response = await forward(request, runtime, binding, inputs, stack)
+            response = await forward(request, runtime, binding, inputs, stack, hook)
             streamed = isinstance(response, StreamingResponse)
             return response
         except GoatcounterExportsError as exc:
@@ -192,9 +204,7 @@ def create_rest_app(
     bindings = runtime.bindings("rest", expose.namespace) if expose else []
     routes = []
     for binding in bindings:
-        hook = hooks.get(binding.target.consumes.namespace)
-        handler = hook.handler(binding) if hook is not None else None
-        handle = endpoint(runtime, binding, handler, max_body_bytes)
+        handle = endpoint(runtime, binding, hooks.get(binding.target.consumes.namespace), max_body_bytes)
         routes.append(Route(binding.path, handle, methods=[binding.method], name=binding.name))
     document = openapi_document(runtime, bindings, openapi_hooks)
 

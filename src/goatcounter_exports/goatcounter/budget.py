@@ -19,7 +19,7 @@ from ..errors import GoatcounterExportsError
 from ..runtime import CallContext, Runtime
 from ..spec.resolve import Target
 from ..upstream import NOT_JSON, UpstreamRequest, UpstreamResponse, parse_json
-from .exports import ExportOps
+from .exports import ExportOps, request_key
 from .store import RECENT_EXPORT_SECONDS, StateStore, budget_host
 
 
@@ -30,9 +30,11 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def start_of(request: UpstreamRequest) -> int:
-    body = json.loads(request.body) if request.body else {}
-    return int(body.get("start_from_hit_id") or 0)
+def key_of(request: UpstreamRequest) -> str:
+    return request_key(json.loads(request.body) if request.body else {})
+
+
+LONG_WAIT = 60  # seconds: a Retry-After this long on a read is an hourly budget (main's api2), not 4/s
 
 
 class ExportBudget:
@@ -81,8 +83,29 @@ class ExportBudget:
             export = parse_json(await response.read())
             if export is not NOT_JSON and isinstance(export.get("id"), int):
                 await self.store.record_export(
-                    api_uri, export["id"], start_of(request), context.idempotency_key, now=self.clock()
+                    api_uri, export["id"], key_of(request), context.idempotency_key, now=self.clock()
                 )
+
+    async def before_read(self, api_uri: str) -> UpstreamResponse | None:
+        """A local 429 while GoatCounter's hourly API budget (main's api2) is known to be spent."""
+        now = self.clock()
+        budget = await self.store.budget(api_uri, "api")
+        if budget is None or not budget.exhausted(now):
+            return None
+        wait = budget.retry_after(now)
+        document = {
+            "error": f"GoatCounter's hourly API budget for {budget_host(api_uri)} is spent ({budget.limit} an hour); "
+            f"try again in {wait} seconds. Nothing was sent to GoatCounter."
+        }
+        headers = {"Retry-After": str(wait), "X-Rate-Limit-Remaining": "0", "X-Rate-Limit-Reset": str(wait)}
+        return UpstreamResponse.local(429, document, headers, target_host(api_uri))
+
+    async def after_read(self, api_uri: str, response: UpstreamResponse) -> None:
+        """Learn main's hourly API budget the only way it shows: a 429 with a long Retry-After."""
+        wait = _int(response.headers.get("Retry-After"))
+        if response.status == 429 and wait is not None and wait >= LONG_WAIT:
+            limit = _int(response.headers.get("X-Rate-Limit-Limit"))
+            await self.store.save_budget(api_uri, limit, 0, wait, now=self.clock(), scope="api")
 
     async def _current(self, runtime: Runtime, create: Target, export_id: int) -> Any:
         get = ExportOps.find(runtime, create.consumes.namespace).get

@@ -7,7 +7,9 @@ operation still works, and calls go through the runtime like any other.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any, Literal
 
 from ..errors import ExportError, SpecError
@@ -17,6 +19,41 @@ from ..spec.resolve import Target
 
 Shape = Literal["create", "get", "download"]
 Status = Literal["running", "finished", "failed"]
+Format = Literal["csv", "json"]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export: CSV pageviews after a hit id, or the JSON statistics from a day (UTC) on."""
+
+    format: Format = "csv"
+    start_from_hit_id: int = 0
+    start_from_day: date | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The create body; the profile adds or drops `format` to suit the server's version."""
+        if self.format == "json":
+            body: dict[str, Any] = {"format": "json"}
+            if self.start_from_day is not None:
+                # Always UTC midnight: main truncates to the UTC day but keeps another offset, and loses hours.
+                body["start_from_day"] = f"{self.start_from_day.isoformat()}T00:00:00Z"
+            return body
+        return {"start_from_hit_id": self.start_from_hit_id}
+
+    @property
+    def key(self) -> str:
+        """The request, canonical, so that a recorded export can be matched with a new request."""
+        return request_key(self.body())
+
+
+def request_key(body: dict[str, Any]) -> str:
+    """A create body, canonical: the format made explicit, defaults dropped, keys sorted."""
+    canonical = {"format": body.get("format") or "csv"}
+    if body.get("start_from_hit_id"):
+        canonical["start_from_hit_id"] = body["start_from_hit_id"]
+    if body.get("start_from_day"):
+        canonical["start_from_day"] = str(body["start_from_day"])[:10]
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"))
 
 
 def export_shape(target: Target) -> Shape | None:
@@ -107,6 +144,21 @@ class Export:
         return int(value) if value is not None else None
 
     @property
+    def start_from_day(self) -> date | None:
+        value = self.document.get("start_from_day")
+        return _utc(value).date() if value else None
+
+    @property
+    def created_day(self) -> date | None:
+        """The UTC day the export was made: the last day whose statistics it may hold only in part."""
+        value = self.document.get("created_at")
+        return _utc(value).date() if value else None
+
+    @property
+    def is_empty_csv(self) -> bool:
+        return self.format == "csv" and self.status == "finished" and self.num_rows == 0
+
+    @property
     def size_bytes(self) -> float | None:
         """GoatCounter gives the size in MB, as text ("0.1")."""
         try:
@@ -116,6 +168,12 @@ class Export:
 
     def summary(self) -> str:
         """A few lines a model can act on: status, size, and the cursor for the next incremental export."""
+        if self.format == "json" and self.status == "finished":
+            since = f" from {self.start_from_day}" if self.start_from_day else ""
+            return (
+                f"Export {self.id} (JSON: aggregate statistics{since}) is finished: {self.document.get('size')} MB. "
+                "Read its tables with download-export (argument `table`, default hit_stats)."
+            )
         if self.status == "failed":
             return f"Export {self.id} failed: {self.error}. Create a new export to try again."
         if self.status == "running":
@@ -128,3 +186,11 @@ class Export:
             f"(hits {self.start_from_hit_id} < id <= {self.last_hit_id}). "
             f"Read it with download-export. Next incremental export: start_from_hit_id={self.last_hit_id}."
         )
+
+
+def _utc(value: Any) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise ExportError(f"GoatCounter gave a time that cannot be read: {value!r}") from None
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -6,7 +6,8 @@ The composition root (app.py) attaches it to the consumed namespaces that are Go
 - the create body differs between v2.7.0 (no `format` field allowed) and main
   (`format` required), so the server's style is learnt once (goatcounter.versions),
   at no cost to the export budget, before the first create;
-- the hourly export budget is guarded (goatcounter.budget).
+- the hourly export budget is guarded, and so is main's hourly API budget (goatcounter.budget);
+- on main, a key is warmed up before its first create (goatcounter.site).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..spec.resolve import AdapterInput, Binding, Target
 from ..upstream import UpstreamRequest, UpstreamResponse
 from .budget import ExportBudget
 from .exports import export_shape
+from .site import SiteProbe
 from .versions import API_PATH, CreateBodyStyle
 
 INT32_MAX = 2**31 - 1
@@ -66,9 +68,15 @@ def site_api_url(site_url: str, variable: str = "GOATCOUNTER_URL") -> str:
 
 
 class GoatCounterProfile:
-    def __init__(self, budget: ExportBudget | None = None) -> None:
-        self.create_body = CreateBodyStyle()
+    def __init__(
+        self,
+        budget: ExportBudget | None = None,
+        create_body: CreateBodyStyle | None = None,
+        site: SiteProbe | None = None,
+    ) -> None:
+        self.create_body = create_body or CreateBodyStyle()
         self.budget = budget
+        self.site = site or SiteProbe()
 
     def input_schema(self, binding: Binding, adapter_input: AdapterInput) -> dict[str, Any] | None:
         if adapter_input.feeds == "id" and adapter_input.type == "integer":
@@ -82,9 +90,13 @@ class GoatCounterProfile:
     ) -> UpstreamRequest | UpstreamResponse:
         # GoatCounter answers errors in JSON only to requests that say they are JSON, GETs included.
         headers = {**request.headers, "Content-Type": "application/json"}
-        if export_shape(target) != "create":
-            return replace(request, headers=headers)
         api_uri = runtime.base_uri(target.consumes.namespace)
+        if export_shape(target) != "create":
+            if self.budget is not None:
+                answer = await self.budget.before_read(api_uri)
+                if answer is not None:
+                    return answer
+            return replace(request, headers=headers)
         body = json.loads(request.body) if request.body else {}
         if self.budget is not None:
             answer = await self.budget.before_create(runtime, target, api_uri, context)
@@ -92,6 +104,8 @@ class GoatCounterProfile:
                 return answer
         version, takes_format = await self.create_body.learn(runtime.client.fetch_json, api_uri)
         body = adapt_create_body(body, version, takes_format)
+        if takes_format:  # main: a cold key's first request is a 404 that still spends the hour; warm it first
+            await self.site.me(runtime, target.consumes.namespace)
         return replace(request, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers)
 
     async def observe(
@@ -102,8 +116,12 @@ class GoatCounterProfile:
         response: UpstreamResponse,
         context: CallContext,
     ) -> None:
-        if self.budget is not None and export_shape(target) == "create":
+        if self.budget is None:
+            return
+        if export_shape(target) == "create":
             await self.budget.after_create(runtime.base_uri(target.consumes.namespace), request, response, context)
+        else:
+            await self.budget.after_read(runtime.base_uri(target.consumes.namespace), response)
 
 
 def adapt_create_body(body: dict[str, Any], version: str, takes_format: bool) -> dict[str, Any]:

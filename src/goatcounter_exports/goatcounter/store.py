@@ -11,13 +11,14 @@ is keyed by upstream host: every site on goatcounter.com shares one.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import StateError
@@ -31,6 +32,7 @@ create table if not exists exports (
     created_at real not null,
     start_from_hit_id integer not null,
     idempotency_key text,
+    request text,
     primary key (api_uri, export_id)
 );
 create unique index if not exists exports_idempotency on exports (api_uri, idempotency_key)
@@ -44,6 +46,13 @@ create table if not exists budgets (
 """
 STATE_FILE = "state.sqlite3"
 RECENT_EXPORT_SECONDS = 24 * 3600  # GoatCounter keeps export files a day: older ones are of no use
+
+
+Scope = Literal["export", "api"]  # the hourly export budget; main's hourly API budget (api2)
+
+
+def budget_key(api_uri: str, scope: Scope) -> str:
+    return budget_host(api_uri) + ("" if scope == "export" else f" {scope}")
 
 
 def budget_host(api_uri: str) -> str:
@@ -81,6 +90,8 @@ class StateStore:
                     db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                     db.execute("pragma journal_mode=wal")
                     db.executescript(SCHEMA)
+                    if "request" not in {row[1] for row in db.execute("pragma table_info(exports)")}:
+                        db.execute("alter table exports add column request text")  # state files of 0.1.0
                     self._db = db
                 return work(self._db)
             except (sqlite3.Error, OSError) as exc:
@@ -98,12 +109,16 @@ class StateStore:
         self._thread.shutdown()
 
     async def record_export(
-        self, api_uri: str, export_id: int, start: int, key: str | None, now: float | None = None
+        self, api_uri: str, export_id: int, request: str, key: str | None, now: float | None = None
     ) -> None:
+        """Remember an export made here, with its canonical request (exports.request_key)."""
         created = now or time.time()
+        start = int(json.loads(request).get("start_from_hit_id") or 0)
         await self._run(
             lambda db: db.execute(
-                "insert or replace into exports values (?, ?, ?, ?, ?)", (api_uri, export_id, created, start, key)
+                "insert or replace into exports (api_uri, export_id, created_at, start_from_hit_id, idempotency_key, "
+                "request) values (?, ?, ?, ?, ?, ?)",
+                (api_uri, export_id, created, start, key, request),
             )
         )
 
@@ -115,30 +130,38 @@ class StateStore:
         )
         return int(row[0]) if row else None
 
-    async def latest_export(self, api_uri: str, since: float, start: int | None = None) -> int | None:
-        """The id of the newest export created here since `since`, for that start when given."""
+    async def latest_export(self, api_uri: str, since: float, request: str | None = None) -> int | None:
+        """The id of the newest export created here since `since`, for that canonical request when given."""
         query = "select export_id from exports where api_uri = ? and created_at >= ?"
         args: list[object] = [api_uri, since]
-        if start is not None:
-            query += " and start_from_hit_id = ?"
-            args.append(start)
+        if request is not None:
+            query += " and request = ?"
+            args.append(request)
         row = await self._run(lambda db: db.execute(query + " order by created_at desc limit 1", args).fetchone())
         return int(row[0]) if row else None
 
     async def save_budget(
-        self, api_uri: str, limit: int | None, remaining: int, reset_in: float, now: float | None = None
+        self,
+        api_uri: str,
+        limit: int | None,
+        remaining: int,
+        reset_in: float,
+        now: float | None = None,
+        scope: Scope = "export",
     ) -> None:
         reset_at = (now or time.time()) + reset_in
+        key = budget_key(api_uri, scope)
         await self._run(
             lambda db: db.execute(
-                "insert or replace into budgets values (?, ?, ?, ?)", (budget_host(api_uri), limit, remaining, reset_at)
+                "insert or replace into budgets values (?, ?, ?, ?)", (key, limit, remaining, reset_at)
             )
         )
 
-    async def budget(self, api_uri: str) -> Budget | None:
+    async def budget(self, api_uri: str, scope: Scope = "export") -> Budget | None:
+        key = budget_key(api_uri, scope)
         row = await self._run(
             lambda db: db.execute(
-                "select limit_per_window, remaining, reset_at from budgets where host = ?", (budget_host(api_uri),)
+                "select limit_per_window, remaining, reset_at from budgets where host = ?", (key,)
             ).fetchone()
         )
         return Budget(row[0], int(row[1]), float(row[2])) if row else None

@@ -1,65 +1,58 @@
-"""Incremental, exact copy of a site's pageviews into SQLite.
+"""Incremental, exact copy of a site's data into the warehouse (goatcounter/warehouse.py).
 
-Each run exports the hits after the stored cursor (`start_from_hit_id` is
-exclusive, so the next run starts from the previous export's `last_hit_id`
-exactly; adding 1 would drop a pageview per run), inserts the rows and moves
-the cursor in ONE transaction. A run killed at any point leaves either the old
-rows and old cursor or the new rows and new cursor, so the next run converges.
+One export per run (the hourly budget allows one), of the format the site can fill:
+- CSV (individual pageviews): the hits after the stored cursor. `start_from_hit_id` is
+  exclusive, so the next run starts from the previous export's `last_hit_id` exactly
+  (adding 1 would drop a pageview per run).
+- JSON (aggregate statistics, GoatCounter newer than v2.7.0): the statistics from the day the
+  previous export was made on. Statistics are kept per hour or day, so that day's numbers were
+  partial: they are replaced, as GoatCounter's own documentation advises, never added to.
+
+Rows and cursor are written in ONE transaction, and whole runs on one database are serialised.
+A run killed at any point leaves either the old data and cursor or the new ones, so the next
+run converges: after any sequence of runs, the copy's totals per day and path equal GoatCounter's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import re
 import signal
-import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from datetime import date
 
-from ..errors import ExportError, IntegrityError
-from .exportfile import split_header
+from ..errors import IntegrityError
+from .exportfile import DIMENSION_TABLES, STATS_TABLES, LocalExport, split_header
+from .exports import Export, ExportRequest, Format
+from .warehouse import SqliteWarehouse
 from .workflow import ExportJob
 
-# CSV header name -> (column, SQLite type). Typed where GoatCounter's values are numbers.
-TYPES = {"Event": "integer", "Bot": "integer", "FirstVisit": "integer"}
-
-SCHEMA = """
-create table if not exists sync_state (
-    site text primary key,
-    last_hit_id integer not null,
-    last_export_id integer,
-    rows integer not null default 0,
-    synced_at text not null default (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
-);
-"""
-
-
-def column_name(header: str) -> str:
-    """`Referrer scheme` -> `referrer_scheme`, `FirstVisit` -> `first_visit`, `UserAgent` -> `user_agent`."""
-    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", header.strip())
-    return re.sub(r"[^a-z0-9]+", "_", spaced.lower()).strip("_")
-
-
-def pageviews_schema(columns: list[str]) -> list[str]:
-    typed = ", ".join(f"{column_name(c)} {TYPES.get(c, 'text')}" for c in columns)
-    return [
-        # seq is the hit order: GoatCounter writes rows in hit-id order, and the CSV has no hit id.
-        f"create table if not exists pageviews (seq integer primary key, site text not null, "
-        f"export_id integer not null, {typed})",
-        "create index if not exists pageviews_site_date on pageviews (site, date)",
-        "create index if not exists pageviews_site_path on pageviews (site, path)",
-    ]
+BATCH = 5000  # rows per executemany
 
 
 @dataclass(frozen=True)
 class SyncResult:
-    export_id: int | None
+    format: Format
+    export_id: int
     reused: bool
-    rows_added: int
-    total_rows: int
-    cursor_before: int
-    cursor_after: int
+    rows_added: int  # pageviews added (CSV), or statistics rows written (JSON)
+    total: int  # pageviews in all (CSV), or visitors in all (JSON)
+    cursor_before: str
+    cursor_after: str
+    note: str | None = None  # why a CSV export was empty, and what to do
+
+    def line(self, database: object) -> str:
+        how = "reused" if self.reused else "new"
+        if self.format == "json":
+            return (
+                f"Synced statistics ({how} JSON export {self.export_id}, days from {self.cursor_before}) into "
+                f"{database}: {self.rows_added} rows written, {self.total} visitors in all. "
+                f"Next run starts from {self.cursor_after}."
+            )
+        return (
+            f"Synced {self.rows_added} pageviews ({how} export {self.export_id}, hits {self.cursor_before} < id <= "
+            f"{self.cursor_after}) into {database}: {self.total} in all."
+        )
 
 
 def crash_point(name: str, crash_at: str | None) -> None:
@@ -68,90 +61,93 @@ def crash_point(name: str, crash_at: str | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def open_database(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    db.execute("pragma journal_mode=wal")
-    db.executescript(SCHEMA)
-    return db
-
-
-def cursor_of(db: sqlite3.Connection, site: str) -> int:
-    row = db.execute("select last_hit_id from sync_state where site = ?", (site,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _value(column: str, text: str) -> Any:
-    if TYPES.get(column) == "integer":
-        try:
-            return int(text)
-        except ValueError:
-            return 1 if text.lower() == "true" else 0 if text.lower() in ("false", "") else text
-    return text
-
-
-async def sync(job: ExportJob, database: Path, *, wait_seconds: float, crash_at: str | None = None) -> SyncResult:
-    site = job.api_uri
-    db = open_database(database)
+async def sync(
+    job: ExportJob,
+    warehouse: SqliteWarehouse,
+    *,
+    export_format: Format | None = None,
+    wait_seconds: float,
+    crash_at: str | None = None,
+) -> SyncResult:
+    """One incremental run; `export_format` None chooses JSON where the server has it (auto)."""
+    chosen = await job.choose_format(export_format)
+    await asyncio.to_thread(warehouse.lock_acquire)
     try:
-        before = cursor_of(db, site)
-        export, reused = await job.create_or_reuse(before)
-        export = await job.wait(export, wait_seconds)
-        last_hit_id = export.last_hit_id if export.last_hit_id is not None else before
-        columns: list[str] = []
-        added = 0
-        db.execute("begin immediate")
-        try:
-            async with job.reader.open(export, job.progress) as file:
-                async for record in file.records():  # the hash is checked before the last records
-                    added += _insert(db, site, export.id, record, columns)
-                    if added == 1:
-                        crash_point("download", crash_at)
+        if chosen == "json":
+            return await _sync_statistics(job, warehouse, wait_seconds, crash_at)
+        return await _sync_pageviews(job, warehouse, wait_seconds, crash_at)
+    finally:
+        warehouse.lock_release()
+
+
+async def _sync_pageviews(
+    job: ExportJob, warehouse: SqliteWarehouse, wait_seconds: float, crash_at: str | None
+) -> SyncResult:
+    site = job.reader.site
+    before = warehouse.pageview_cursor(site)
+    export, reused = await job.create_or_reuse(ExportRequest("csv", start_from_hit_id=before))
+    export = await job.wait(export, wait_seconds)
+    last_hit_id = export.last_hit_id if export.last_hit_id is not None else before
+    columns: list[str] = []
+    added = 0
+    async with job.reader.open(export, job.progress) as file:
+        with warehouse.transaction():
+            batch: list[list[str]] = []
+            async for record in file.records():  # the hash is checked before the last records
+                if not columns:
+                    columns.extend(split_header(record)[1])  # refuses an unknown format version
+                    warehouse.prepare_pageviews(columns)
+                    continue
+                batch.append(record)
+                if len(batch) >= BATCH:
+                    added += warehouse.insert_pageviews(site, export.id, columns, batch)
+                    batch.clear()
+                    crash_point("download", crash_at)
+            added += warehouse.insert_pageviews(site, export.id, columns, batch) if columns else 0
+            if added:
+                crash_point("download", crash_at)
             if export.num_rows is not None and added != export.num_rows:
                 raise IntegrityError(f"export {export.id} has {export.num_rows} rows but the file had {added}")
             crash_point("before-commit", crash_at)
-            db.execute(
-                "insert into sync_state (site, last_hit_id, last_export_id, rows) values (?, ?, ?, ?) "
-                "on conflict (site) do update set last_hit_id = excluded.last_hit_id, "
-                "last_export_id = excluded.last_export_id, rows = sync_state.rows + excluded.rows, "
-                "synced_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')",
-                (site, last_hit_id, export.id, added),
-            )
-            db.execute("commit")
-        except BaseException:
-            db.execute("rollback")
-            raise
-        crash_point("after-commit", crash_at)
-        total = _count(db, site)
-        return SyncResult(export.id, reused, added, total, before, last_hit_id)
-    finally:
-        db.close()
+            warehouse.set_pageview_cursor(site, last_hit_id, export.id, added)
+    crash_point("after-commit", crash_at)
+    total = warehouse.pageview_count(site)
+    note = await job.empty_note(export)
+    return SyncResult("csv", export.id, reused, added, total, str(before), str(last_hit_id), note)
 
 
-def _count(db: sqlite3.Connection, site: str) -> int:
-    if db.execute("select 1 from sqlite_master where name = 'pageviews'").fetchone() is None:
-        return 0
-    return int(db.execute("select count(*) from pageviews where site = ?", (site,)).fetchone()[0])
+async def _sync_statistics(
+    job: ExportJob, warehouse: SqliteWarehouse, wait_seconds: float, crash_at: str | None
+) -> SyncResult:
+    site = job.reader.site
+    cursor = warehouse.stats_cursor(site)
+    request = ExportRequest("json", start_from_day=date.fromisoformat(cursor) if cursor else None)
+    export, reused = await job.create_or_reuse(request)
+    export = await job.wait(export, wait_seconds)
+    local = await job.reader.local(export, job.progress)
+    await asyncio.to_thread(local.info)  # the export_version and the tables, checked before anything is written
+    next_day = export.created_day or export.start_from_day
+    if next_day is None:
+        raise IntegrityError(f"export {export.id} says neither when it was made nor from which day it starts")
+    written = _write_statistics(warehouse, site, export, local, next_day, crash_at)
+    crash_point("after-commit", crash_at)
+    start = export.start_from_day.isoformat() if export.start_from_day else "the start"
+    return SyncResult("json", export.id, reused, written, warehouse.visitor_total(site), start, next_day.isoformat())
 
 
-def _insert(db: sqlite3.Connection, site: str, export_id: int, record: list[str], columns: list[str]) -> int:
-    """Insert one record (returns 1), or take the header (returns 0) and make sure the table fits it."""
-    if not columns:
-        _, header = split_header(record)  # refuses an unknown format version
-        columns.extend(header)
-        for statement in pageviews_schema(columns):
-            db.execute(statement)
-        known = {row[1] for row in db.execute("pragma table_info(pageviews)")}
-        missing = [c for c in columns if column_name(c) not in known]
-        if missing:
-            raise ExportError(f"the pageviews table lacks columns for {missing}; use a new --db")
-        return 0
-    if len(record) != len(columns):
-        raise IntegrityError(f"a CSV row has {len(record)} fields, the header {len(columns)}")
-    names = ", ".join(column_name(c) for c in columns)
-    marks = ", ".join("?" for _ in columns)
-    db.execute(
-        f"insert into pageviews (site, export_id, {names}) values (?, ?, {marks})",  # noqa: S608 - names from the schema
-        (site, export_id, *(_value(c, v) for c, v in zip(columns, record, strict=True))),
-    )
-    return 1
+def _write_statistics(
+    warehouse: SqliteWarehouse, site: str, export: Export, local: LocalExport, next_day: date, crash_at: str | None
+) -> int:
+    """Dimensions upserted, statistics replaced from the export's start day on, and the cursor: one transaction."""
+    from_day = export.start_from_day.isoformat() if export.start_from_day else None
+    written = 0
+    with warehouse.transaction():
+        for table in DIMENSION_TABLES:
+            warehouse.upsert_dimension(site, table, local.rows(table))
+        warehouse.upsert_dimension(site, "campaigns", local.rows("campaigns"))
+        for table in (*STATS_TABLES, "campaign_stats"):
+            written += warehouse.replace_stats(site, table, from_day, local.rows(table))
+            crash_point("download", crash_at)
+        crash_point("before-commit", crash_at)
+        warehouse.set_stats_cursor(site, next_day.isoformat(), export.id)
+    return written

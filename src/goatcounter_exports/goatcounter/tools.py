@@ -1,11 +1,13 @@
 """Every GoatCounter tool an MCP client sees: the home of a new one.
 
-- The spec's three export tools, shaped: export objects come back structured with a summary,
-  and `download-export` returns one page of rows (an embedded text/csv resource) with the
-  totals needed to ask for the next; a model never receives a whole export.
+- The spec's three export tools, shaped: export objects come back structured with a summary
+  (and why a CSV export is empty), and `download-export` returns one page of rows (an
+  embedded text/csv resource) with the totals needed to ask for the next: of the CSV, or of
+  one table of a JSON export. A model never receives a whole export, nor a ZIP's bytes.
 - `export-pageviews`: the whole job in one call (create or reuse, wait with progress,
   download and verify), answered with totals, top paths and the first rows.
-- `pageview-stats`: bounded questions over the local copy `sync` keeps; no SQL from the model.
+- `pageview-stats`: bounded questions over the local copy `sync` keeps, of this site only;
+  no SQL from the model.
 
 Arguments arrive checked against the schemas published here (adapters/mcp.py).
 """
@@ -28,13 +30,13 @@ from ..adapters.tools import (
     binding_arguments,
     binding_inputs,
 )
-from ..errors import ApiError, ExportDeleted, GoatcounterExportsError
-from ..progress import Progress
+from ..errors import ApiError, ExportDeleted, GoatcounterExportsError, InputError
+from ..progress import Progress, no_progress
 from ..runtime import Runtime
 from ..spec.resolve import Binding
 from . import stats
-from .exportfile import DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS, CsvPage, ExportReader, split_header
-from .exports import Export, export_shape
+from .exportfile import DEFAULT_PAGE_ROWS, DEFAULT_TABLE, JSON_TABLES, MAX_PAGE_ROWS, ExportReader, Page, split_header
+from .exports import Export, ExportRequest, export_shape
 from .workflow import ExportJob
 
 PREVIEW_ROWS = 20
@@ -58,6 +60,8 @@ EXPORT_OBJECT_OUTPUT: dict[str, Any] = {
         "size": {**nullable("string"), "description": "MB, as text"},
         "hash": nullable("string"),
         "error": nullable("string"),
+        "format": {"type": "string", "description": "csv (pageviews) or json (aggregate statistics, a ZIP)"},
+        "note": {"type": "string", "description": "why a finished CSV export has no rows, and what to do"},
     },
     "required": ["id", "state"],
 }
@@ -78,11 +82,23 @@ PAGE_OUTPUT: dict[str, Any] = {
             "description": "true: the file's SHA-256 matched the export's hash (a mismatch is an error); "
             "null: GoatCounter gave no hash to check",
         },
-        "format_version": {"type": "string"},
+        "format_version": {"type": "string", "description": "CSV format version, or the JSON export_version"},
+        "table": {**nullable("string"), "description": "the JSON export's table these rows are of"},
+        "tables": {
+            "anyOf": [{"type": "object", "additionalProperties": {"type": "integer"}}, {"type": "null"}],
+            "description": "a JSON export's tables and their row counts",
+        },
+        "note": {"type": "string", "description": "why there are no rows, and what to do"},
     },
     "required": ["export_id", "ready"],
 }
 PAGE_ARGUMENTS: dict[str, Any] = {
+    "table": {
+        "type": "string",
+        "enum": list(JSON_TABLES),
+        "description": f"JSON exports only: the table to page through (default {DEFAULT_TABLE}: visitors per hour, "
+        "path and referrer). CSV exports have one table, their pageviews.",
+    },
     "offset": {"type": "integer", "minimum": 0, "default": 0, "description": "First row to return (0-based)."},
     "limit": {
         "type": "integer",
@@ -95,6 +111,13 @@ PAGE_ARGUMENTS: dict[str, Any] = {
 EXPORT_JOB_INPUT: dict[str, Any] = {
     "type": "object",
     "properties": {
+        "format": {
+            "type": "string",
+            "enum": ["auto", "csv", "json"],
+            "default": "auto",
+            "description": "csv: individual pageviews (needs the site's Individual pageviews setting); json: the "
+            "dashboard's aggregate statistics (GoatCounter newer than v2.7.0); auto: json where the server has it.",
+        },
         "start_from_hit_id": {
             "type": "integer",
             "minimum": 0,
@@ -109,15 +132,19 @@ EXPORT_JOB_OUTPUT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "export_id": {"type": "integer"},
+        "format": {"type": "string"},
         "reused": {"type": "boolean"},
-        "total_rows": {"type": "integer"},
+        "total_rows": {"type": "integer", "description": "CSV: pageviews; JSON: rows of hit_stats"},
+        "total_visitors": {"type": "integer", "description": "JSON: visitors in all, as the dashboard counts"},
+        "tables": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "note": {"type": "string"},
         "columns": {"type": "array", "items": {"type": "string"}},
         "start_from_hit_id": {"type": "integer"},
         "last_hit_id": {"type": "integer"},
         "hash_ok": {"type": "boolean"},
         "top_paths": {"type": "array", "items": {"type": "object"}},
     },
-    "required": ["export_id", "total_rows", "hash_ok"],
+    "required": ["export_id", "format", "total_rows", "hash_ok"],
 }
 STATS_INPUT: dict[str, Any] = {
     "type": "object",
@@ -126,8 +153,18 @@ STATS_INPUT: dict[str, Any] = {
         "since": {"type": "string", "format": "date", "description": "First day (YYYY-MM-DD), inclusive."},
         "until": {"type": "string", "format": "date", "description": "Last day (YYYY-MM-DD), inclusive."},
         "path_prefix": {"type": "string", "maxLength": 500, "description": "Only paths starting with this."},
-        "include_bots": {"type": "boolean", "default": False},
+        "include_bots": {
+            "type": "boolean",
+            "default": False,
+            "description": "Count bots too (individual pageviews only: GoatCounter's statistics never count them).",
+        },
         "limit": {"type": "integer", "minimum": 1, "maximum": stats.MAX_LIMIT, "default": 10},
+        "source": {
+            "type": "string",
+            "enum": ["pageviews", "aggregates"],
+            "description": "pageviews: the individual pageviews a CSV sync keeps; aggregates: the dashboard's "
+            "statistics a JSON sync keeps. Default: pageviews when the site has any, else aggregates.",
+        },
     },
     "required": ["question"],
     "additionalProperties": False,
@@ -136,10 +173,13 @@ STATS_OUTPUT: dict[str, Any] = {
     "type": "object",
     "properties": {
         "question": {"type": "string"},
-        "total_pageviews": {"type": "integer"},
+        "source": {"type": "string", "enum": ["pageviews", "aggregates"]},
+        "unit": {"type": "string", "enum": ["pageviews", "visitors"]},
+        "total": {"type": "integer"},
+        "total_pageviews": {"type": "integer", "description": "the total, when the unit is pageviews"},
         "rows": {"type": "array", "items": {"type": "object"}},
     },
-    "required": ["question", "total_pageviews", "rows"],
+    "required": ["question", "source", "unit", "total", "rows"],
 }
 
 
@@ -151,14 +191,19 @@ def csv_resource(export_id: int, offset: int, columns: list[str], rows: list[lis
     return EmbeddedText(uri, "text/csv", buffer.getvalue())
 
 
-def page_result(page: CsvPage) -> ToolResult:
+def page_result(page: Page, note: str | None = None) -> ToolResult:
     end = page.offset + len(page.rows)
     checked = "SHA-256 verified" if page.hash_checked else "no hash to check"
+    what = f"table {page.table}, rows" if page.table else "rows"
     text = (
-        f"Export {page.export_id}: rows {page.offset}..{max(end - 1, page.offset)} of {page.total_rows} "
+        f"Export {page.export_id}: {what} {page.offset}..{max(end - 1, page.offset)} of {page.total_rows} "
         f"({len(page.rows)} returned; {checked}). "
         + (f"Call again with offset={page.next_offset} for more." if page.has_more else "No more rows.")
     )
+    if page.tables:
+        text += " Tables: " + ", ".join(f"{name} ({count})" for name, count in page.tables.items()) + "."
+    if note:
+        text += " " + note
     structured = {
         "export_id": page.export_id,
         "ready": True,
@@ -170,13 +215,17 @@ def page_result(page: CsvPage) -> ToolResult:
         "next_offset": page.next_offset,
         "hash_ok": True if page.hash_checked else None,
         "format_version": page.version,
+        "table": page.table,
+        "tables": page.tables,
+        **({"note": note} if note else {}),
     }
     return ToolResult(text, structured, csv_resource(page.export_id, page.offset, page.columns, page.rows))
 
 
-def export_structure(export: Export) -> dict[str, Any]:
+def export_structure(export: Export, note: str | None) -> dict[str, Any]:
     keep = EXPORT_OBJECT_OUTPUT["properties"]
-    return {**{k: v for k, v in export.document.items() if k in keep}, "state": export.status}
+    found = {k: v for k, v in export.document.items() if k in keep}
+    return {**found, "state": export.status, "format": export.format, **({"note": note} if note else {})}
 
 
 class GoatCounterTools:
@@ -202,17 +251,24 @@ class GoatCounterTools:
             *shaped,
             Tool(
                 "export-pageviews",
-                "Export a site's pageviews in one call: create (or reuse a recent) export, wait for it, download and "
-                "verify it. Returns totals, top paths and the first rows, never the whole file.",
+                "Export a site's data in one call: create (or reuse a recent) export, wait for it, download and "
+                "verify it. Returns totals, top paths and the first rows, never the whole file. CSV exports hold "
+                "individual pageviews (only when the site's Individual pageviews setting is on); JSON exports hold "
+                "the dashboard's statistics (visitors per hour and path, browsers, systems, locations, sizes).",
                 EXPORT_JOB_INPUT,
                 EXPORT_JOB_OUTPUT,
                 annotations=Annotations(read_only=False, destructive=False, idempotent=False, open_world=True),
             ),
             Tool(
                 "pageview-stats",
-                "Answer questions about traffic from the local copy that `goatcounter-exports sync` keeps: top "
-                "paths, referrers, locations, browsers, systems, screen sizes, daily counts or the total, over a "
-                "date range.",
+                "Answer questions about this site's traffic from the local copy that `goatcounter-exports sync` "
+                "keeps, in GoatCounter's own numbers: top paths, titles, referrers, locations, browsers, systems, "
+                "screen sizes, languages, campaigns, daily or hourly counts, or the total, over a date range and a "
+                "path prefix. From individual pageviews (a CSV sync) counts are pageviews; from the aggregate "
+                "statistics (a JSON sync, what sites without Individual pageviews have) counts are visitors, as "
+                "the dashboard shows them. Languages and campaigns need the statistics; include_bots needs "
+                "individual pageviews. Example: top pages last week: "
+                '{"question": "top_paths", "since": "2026-11-16", "until": "2026-11-22"}.',
                 STATS_INPUT,
                 STATS_OUTPUT,
                 annotations=Annotations(read_only=True, destructive=False, idempotent=True, open_world=False),
@@ -245,7 +301,8 @@ class GoatCounterTools:
             return await self.download_page(export_id, arguments)
         async with self.runtime.send(binding, inputs) as response:
             export = Export.parse(await response.document())
-        return ToolResult(export.summary(), export_structure(export))
+        note = await self.job(no_progress).empty_note(export)
+        return ToolResult(export.summary() + (f" {note}" if note else ""), export_structure(export, note))
 
     async def download_page(self, export_id: int, arguments: dict[str, Any]) -> ToolResult:
         export = await self.reader.get(export_id)
@@ -255,15 +312,23 @@ class GoatCounterTools:
             return ToolResult(text, {"export_id": export_id, "ready": False, "message": message})
         offset = int(arguments.get("offset", 0))
         limit = int(arguments.get("limit", DEFAULT_PAGE_ROWS))
-        return page_result(await self.reader.page(export, offset, limit))
+        page = await self.reader.page(export, offset, limit, arguments.get("table"))
+        return page_result(page, await self.job(no_progress).empty_note(export))
 
     async def export_pageviews(self, arguments: dict[str, Any], progress: Progress) -> ToolResult:
         job = self.job(progress)
+        wanted = arguments.get("format", "auto")
+        chosen = await job.choose_format(None if wanted == "auto" else wanted)
         start = int(arguments.get("start_from_hit_id", 0))
-        export, reused = await job.create_or_reuse(start)
+        if chosen == "json" and start:
+            raise InputError("start_from_hit_id only applies to CSV exports", field="start_from_hit_id")
+        request = ExportRequest(chosen, start_from_hit_id=start)
+        export, reused = await job.create_or_reuse(request)
         await progress(f"export {export.id} {'reused' if reused else 'created'}", 0, None)
         export = await job.wait(export, float(arguments.get("timeout_seconds", 300)))
         preview_rows = int(arguments.get("preview_rows", PREVIEW_ROWS))
+        if chosen == "json":
+            return await self._summarise_statistics(export, reused, preview_rows, progress)
         columns: list[str] = []
         preview: list[list[str]] = []
         paths: dict[str, int] = {}
@@ -278,15 +343,17 @@ class GoatCounterTools:
                 if len(preview) < preview_rows:
                     preview.append(record)
         top = sorted(paths.items(), key=lambda item: (-item[1], item[0]))[:10]
+        note = await job.empty_note(export)
         text = (
             f"Export {export.id} ({'reused' if reused else 'new'}): {total} pageviews after hit {start}, "
             f"SHA-256 verified. Top paths: "
             + (", ".join(f"{p} ({n})" for p, n in top) or "none")
             + f". First {len(preview)} rows attached. Next incremental export: start_from_hit_id="
-            f"{export.last_hit_id}."
+            f"{export.last_hit_id}." + (f" {note}" if note else "")
         )
         structured = {
             "export_id": export.id,
+            "format": "csv",
             "reused": reused,
             "total_rows": total,
             "columns": columns,
@@ -294,24 +361,76 @@ class GoatCounterTools:
             "last_hit_id": export.last_hit_id if export.last_hit_id is not None else start,
             "hash_ok": True,
             "top_paths": [{"path": p, "pageviews": n} for p, n in top],
+            **({"note": note} if note else {}),
         }
         return ToolResult(text, structured, csv_resource(export.id, 0, columns, preview))
+
+    async def _summarise_statistics(
+        self, export: Export, reused: bool, preview_rows: int, progress: Progress
+    ) -> ToolResult:
+        local = await self.reader.local(export, progress)
+
+        def read() -> tuple[dict[str, int], dict[str, int], int, list[list[str]]]:
+            tables = local.tables()
+            names = {int(row["id"]): str(row.get("path", "")) for row in local.rows("paths")}
+            visitors: dict[str, int] = {}
+            preview: list[list[str]] = []
+            columns = JSON_TABLES[DEFAULT_TABLE]
+            for row in local.rows(DEFAULT_TABLE):
+                path = names.get(int(row.get("path_id") or 0), "")
+                visitors[path] = visitors.get(path, 0) + int(row.get("count") or 0)
+                if len(preview) < preview_rows:
+                    preview.append([str(row.get(c, "")) for c in columns])
+            return tables, visitors, sum(visitors.values()), preview
+
+        tables, visitors, total, preview = await asyncio.to_thread(read)
+        top = sorted(visitors.items(), key=lambda item: (-item[1], item[0]))[:10]
+        text = (
+            f"Export {export.id} ({'reused' if reused else 'new'}, JSON statistics"
+            + (f" from {export.start_from_day}" if export.start_from_day else "")
+            + f"): {total} visitors, SHA-256 verified. Top paths: "
+            + (", ".join(f"{p} ({n})" for p, n in top) or "none")
+            + f". First {len(preview)} rows of {DEFAULT_TABLE} attached; page through any table with "
+            "download-export."
+        )
+        structured = {
+            "export_id": export.id,
+            "format": "json",
+            "reused": reused,
+            "total_rows": tables.get(DEFAULT_TABLE, 0),
+            "total_visitors": total,
+            "tables": tables,
+            "columns": list(JSON_TABLES[DEFAULT_TABLE]),
+            "hash_ok": True,
+            "top_paths": [{"path": p, "visitors": n} for p, n in top],
+        }
+        return ToolResult(text, structured, csv_resource(export.id, 0, list(JSON_TABLES[DEFAULT_TABLE]), preview))
 
     async def pageview_stats(self, arguments: dict[str, Any]) -> ToolResult:
         answer = await asyncio.to_thread(
             stats.ask,
             self.database,
+            self.reader.site,
             arguments["question"],
             since=arguments.get("since"),
             until=arguments.get("until"),
             path_prefix=arguments.get("path_prefix"),
             include_bots=bool(arguments.get("include_bots", False)),
             limit=int(arguments.get("limit", 10)),
+            source=arguments.get("source"),
         )
         span = f" from {answer.since or 'the start'} to {answer.until or 'now'}"
-        lines = [f"{answer.total_pageviews} pageviews{span} in the synced database."]
-        lines += [f"{row['value'] or '(none)'}: {row['pageviews']}" for row in answer.rows]
-        structured = {"question": answer.question, "total_pageviews": answer.total_pageviews, "rows": answer.rows}
+        lines = [f"{answer.total} {answer.unit}{span} in the synced copy ({answer.source})."]
+        lines += [f"{row['value'] or '(none)'}: {row[answer.unit]}" for row in answer.rows]
+        structured: dict[str, Any] = {
+            "question": answer.question,
+            "source": answer.source,
+            "unit": answer.unit,
+            "total": answer.total,
+            "rows": answer.rows,
+        }
+        if answer.unit == "pageviews":
+            structured["total_pageviews"] = answer.total
         return ToolResult("\n".join(lines), structured)
 
     def explain(self, error: GoatcounterExportsError) -> str | None:
