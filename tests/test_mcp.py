@@ -20,6 +20,7 @@ from mcp import Client, StdioServerParameters
 from .conftest import SEEDED_PATHS, service_env
 from .support import SERVE, RecordingProxy, Service, call_tool, goatcounter_binary, running
 
+TOKEN = "an-inbound-token-for-tests-0123"
 SEED_TOOLS = {"create-csv-export", "get-export-info", "download-export"}
 EXPECTED_TOOLS = {*SEED_TOOLS, "export-pageviews", "pageview-stats"}
 INIT = {
@@ -145,7 +146,13 @@ def test_dns_rebinding_protection_on_loopback(service: Service) -> None:
 
 
 def test_dns_rebinding_protection_when_bound_to_all_interfaces(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
-    env = service_env(goatcounter, tmp_path, GOATCOUNTER_EXPORTS_ALLOWED_HOSTS="analytics.internal")
+    # A network bind needs inbound authentication; with the token, Host is still checked.
+    env = service_env(
+        goatcounter,
+        tmp_path,
+        GOATCOUNTER_EXPORTS_ALLOWED_HOSTS="analytics.internal",
+        GOATCOUNTER_EXPORTS_AUTH_TOKEN=TOKEN,
+    )
     args = [*SERVE, "--host", "0.0.0.0", "--allowed-host", "stats.internal"]
     with running(args, env, want=("REST", "MCP")) as service:
         port = service.mcp.split(":")[2].split("/")[0]
@@ -153,14 +160,15 @@ def test_dns_rebinding_protection_when_bound_to_all_interfaces(goatcounter: Loca
         body = {**INIT, "params": {**INIT["params"], "protocolVersion": "2025-06-18"}}  # type: ignore[dict-item]
 
         def status(host: str) -> int:
-            return httpx.post(url, json=body, headers={**MCP_HEADERS, "Host": host}, timeout=30).status_code
+            headers = {**MCP_HEADERS, "Host": host, "Authorization": f"Bearer {TOKEN}"}
+            return httpx.post(url, json=body, headers=headers, timeout=30).status_code
 
         evil = status("evil.example")
         from_flag = status(f"stats.internal:{port}")
     assert evil == 421
     assert from_flag == 200
     env_only = service_env(goatcounter, tmp_path, GOATCOUNTER_EXPORTS_ALLOWED_HOSTS="analytics.internal")
-    with running([*SERVE, "--host", "0.0.0.0"], env_only, want=("REST", "MCP")) as service:
+    with running([*SERVE, "--host", "0.0.0.0", "--insecure-no-auth"], env_only, want=("REST", "MCP")) as service:
         port = service.mcp.split(":")[2].split("/")[0]
         answer = httpx.post(
             f"http://127.0.0.1:{port}/mcp",

@@ -87,7 +87,7 @@ def test_unimplemented_operation_features_are_refused_with_their_path_and_line(
         ("    transport: http\n", "    transport: http\n    prompts: []\n", "exposes[1].prompts"),
         (
             "    port: 8080\n",
-            "    port: 8080\n    authentication: {type: bearer, token: x}\n",
+            "    port: 8080\n    authentication: {type: oauth2, authorizationServerUri: 'https://as', resource: r}\n",
             "exposes[0].authentication",
         ),
         ("      type: bearer\n", "      type: digest\n", "consumes[0].authentication"),

@@ -21,14 +21,14 @@ from typing import Any
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
+from .adapters.guard import Guard, InboundAuth
 from .adapters.mcp import create_mcp_server
 from .adapters.openapi import OpenApiHooks
 from .adapters.rest import RestHooks, create_rest_app
 from .adapters.tools import SpecTools, ToolProvider
-from .errors import SpecError
+from .errors import ConfigError, SpecError
 from .goatcounter.budget import ExportBudget
 from .goatcounter.exportfile import ExportReader
 from .goatcounter.exports import ExportOps
@@ -45,6 +45,7 @@ from .runtime import Extension, Runtime
 from .server import Listener, bind, run_listeners
 from .settings import Settings
 from .spec import Spec
+from .spec.models import Authentication
 from .upstream import UpstreamClient
 
 MCP_PATH = "/mcp"
@@ -52,12 +53,22 @@ EXPORTS_DIR = "exports"  # verified local copies of finished exports, in the sta
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
+SESSION_IDLE_SECONDS = 10 * 60  # an MCP session nobody has used for this long is closed
+MAX_SESSIONS = 1000  # open MCP sessions at once; each costs tens of KB
+
+
+def allowed_hosts(host: str, extra_hosts: tuple[str, ...]) -> list[str]:
+    """The Host names this server answers to (`name` and `name:*`): loopback, the bind address, and extras."""
+    names = [*LOOPBACK_HOSTS, *extra_hosts]
+    if host not in ("0.0.0.0", "::", *LOOPBACK_BINDS):
+        names.append(f"[{host}]" if ":" in host else host)
+    return [*names, *(f"{name}:*" for name in names)]
+
+
 def transport_security(host: str, extra_hosts: tuple[str, ...]) -> TransportSecuritySettings:
     """Host/Origin checks against DNS rebinding: on for loopback and, unlike the SDK default, elsewhere too."""
-    names = [*LOOPBACK_HOSTS, *extra_hosts]
-    if host not in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1"):
-        names.append(f"[{host}]" if ":" in host else host)
-    hosts = [*names, *(f"{name}:*" for name in names)]
+    hosts = allowed_hosts(host, extra_hosts)
     origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
@@ -101,12 +112,15 @@ class App:
 
     # -- adapters --------------------------------------------------------------------------
 
-    def rest_app(self, namespace: str | None = None) -> Starlette:
+    def rest_app(self, namespace: str | None = None) -> ASGIApp:
+        """The REST adapter behind its guard (Host, Origin, and inbound authentication when configured)."""
         hooks: dict[str, RestHooks] = {ns: parts.rest for ns, parts in self.goatcounter.items()}
         openapi: dict[str, OpenApiHooks] = {ns: parts.openapi for ns, parts in self.goatcounter.items()}
-        return create_rest_app(
+        app = create_rest_app(
             self.runtime, namespace, hooks=hooks, openapi_hooks=openapi, max_body_bytes=self.settings.max_body_bytes
         )
+        expose = next((e for e in self.spec.rest_exposes if namespace in (None, e.namespace)), None)
+        return self._guarded(app, expose.authentication if expose else None, "/")
 
     def mcp_server(self, namespace: str | None = None) -> Server[Any]:
         expose = next((e for e in self.spec.mcp_exposes if namespace in (None, e.namespace)), None)
@@ -124,12 +138,50 @@ class App:
         )
 
     def mcp_http_app(self, namespace: str | None = None) -> ASGIApp:
+        """Streamable HTTP at /mcp behind the same guard; sessions bounded in number and closed when idle."""
         settings = self.settings
-        return self.mcp_server(namespace).streamable_http_app(
+        app = self.mcp_server(namespace).streamable_http_app(
             streamable_http_path=MCP_PATH,
             transport_security=transport_security(settings.host, settings.allowed_hosts),
             host=settings.host,
+            session_idle_timeout=SESSION_IDLE_SECONDS,
+            max_sessions=MAX_SESSIONS,
         )
+        expose = next((e for e in self.spec.mcp_exposes if namespace in (None, e.namespace)), None)
+        return self._guarded(app, expose.authentication if expose else None, MCP_PATH)
+
+    def inbound_auth(self, declared: Authentication | None) -> InboundAuth | None:
+        """What clients must present: the expose's own `authentication` (its secrets from the binds), else
+        `--auth-token` as a bearer token, else nothing."""
+        if declared is not None:
+            render = self.runtime.render_secret
+            if declared.type == "bearer":
+                return InboundAuth("bearer", render(declared.token or ""))
+            if declared.type == "apikey":
+                return InboundAuth(
+                    "apikey", render(declared.value or ""), declared.key or "X-Api-Key", declared.placement
+                )
+            pair = f"{render(declared.username or '')}:{render(declared.password or '')}"
+            return InboundAuth("basic", pair)
+        return InboundAuth("bearer", self.settings.auth_token) if self.settings.auth_token else None
+
+    def _guarded(self, app: ASGIApp, declared: Authentication | None, resource: str) -> ASGIApp:
+        hosts = allowed_hosts(self.settings.host, self.settings.allowed_hosts)
+        return Guard(app, allowed_hosts=hosts, auth=self.inbound_auth(declared), resource=resource)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve a non-loopback address to anyone who can reach it, unless told to."""
+        settings = self.settings
+        if settings.host in LOOPBACK_BINDS or settings.insecure_no_auth:
+            return
+        declared = [e.authentication for e in self.spec.rest_exposes[:1]]
+        declared += [e.authentication for e in self.spec.mcp_exposes[:1] if e.transport == "http"]
+        if any(self.inbound_auth(auth) is None for auth in declared):
+            raise ConfigError(
+                f"listening on {settings.host} without authentication would let anyone who can reach the port spend "
+                "the export budget and read every export; set --auth-token (or GOATCOUNTER_EXPORTS_AUTH_TOKEN), "
+                "or pass --insecure-no-auth if something in front of this server authenticates"
+            )
 
     def listeners(self) -> list[Listener]:
         """One listener per exposed adapter the spec declares, on the ports settings or the spec give."""
@@ -162,6 +214,7 @@ class App:
         then: Callable[[list[Listener]], None] = lambda listeners: None,
     ) -> None:
         """Serve every adapter until Ctrl-C. Announces `REST  <url>` / `MCP   <url>` once all listen."""
+        self.check_exposure()
         found = self.listeners()
         for listener in found:
             bind(listener, "--rest-port" if listener.name == "REST" else "--mcp-port")

@@ -32,7 +32,7 @@ from .goatcounter.sync import sync as run_sync
 from .goatcounter.warehouse import SqliteWarehouse, remove_empty
 from .goatcounter.workflow import write_atomically
 from .progress import reporter
-from .settings import Settings, check_url
+from .settings import Settings, check_token, check_url
 from .spec import Spec, load_default, load_path
 from .spec.lint import lint_text, load_schema
 from .spec.loader import default_spec_text
@@ -121,7 +121,18 @@ def main() -> None:
 @click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080).")
 @click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090).")
 @click.option(
-    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME", help="Extra Host name MCP accepts (repeatable)."
+    "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME", help="Extra Host name REST and MCP accept."
+)
+@click.option(
+    "--auth-token",
+    metavar="TOKEN",
+    help="Token REST and MCP clients must send (Authorization: Bearer TOKEN). Prefer GOATCOUNTER_EXPORTS_AUTH_TOKEN: "
+    "a flag shows in the process list.",
+)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Serve a non-loopback --host without authentication (only behind something that authenticates).",
 )
 def serve(
     spec_path: str | None,
@@ -130,8 +141,13 @@ def serve(
     rest_port: int | None,
     mcp_port: int | None,
     allowed_hosts: tuple[str, ...],
+    auth_token: str | None,
+    insecure_no_auth: bool,
 ) -> None:
     """Serve the capability's REST and MCP adapters."""
+    if auth_token is not None:
+        token = auth_token
+        auth_token = guarded(lambda: check_token(token, "--auth-token"))
     app = make_app(
         spec_path,
         host=host,
@@ -139,6 +155,8 @@ def serve(
         mcp_port=mcp_port,
         upstream_urls=parse_upstreams(upstream),
         allowed_hosts=allowed_hosts or None,
+        auth_token=auth_token,
+        insecure_no_auth=insecure_no_auth or None,
     )
     run_async(lambda: app.serve_forever(announce=click.echo))
 

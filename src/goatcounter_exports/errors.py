@@ -16,6 +16,7 @@
     │   ├── WaitTimeout             exit 5  HTTP 504  the export did not finish before the deadline
     │   └── IntegrityError          exit 6  HTTP 502  hash mismatch, unknown format version, damaged file
     ├── StateError                  exit 1  HTTP 503  the state store cannot be used (locked, read-only)
+    ├── OutputError                 exit 1            a file or the synced database cannot be written (disk full)
     └── LocalGoatCounterError       exit 1            the local GoatCounter (tests, demo) failed
         └── GoatCounterNotInstalled
 
@@ -156,6 +157,10 @@ class StateError(GoatcounterExportsError):
     """The local state store (the export budget, idempotency keys) cannot be read or written."""
 
     http_status = 503
+
+
+class OutputError(GoatcounterExportsError):
+    """A local file (an export written with -o, the synced database) cannot be written; nothing half-done is left."""
 
 
 class LocalGoatCounterError(GoatcounterExportsError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from .errors import ConfigError
+from .errors import ConfigError, GoatcounterExportsError, UpstreamError
 from .spec import expressions as ex
 from .spec.models import Authentication, OutputParameter, Spec
 from .spec.resolve import AdapterInput, AdapterKind, Binding, Target, resolve
@@ -56,6 +56,16 @@ class Extension(Protocol):
         context: CallContext,
     ) -> None:
         """Look at an upstream answer before the adapter gets it (e.g. to record rate-limit headers)."""
+
+    async def failed(
+        self,
+        runtime: Runtime,
+        target: Target,
+        request: UpstreamRequest,
+        error: GoatcounterExportsError,
+        context: CallContext,
+    ) -> None:
+        """Learn that a request got no answer (unreachable, timed out): did it happen upstream or not?"""
 
 
 def check_secret(name: str, value: str | None, binding: str) -> str:
@@ -253,10 +263,15 @@ class Runtime:
                 yield prepared
                 return
             request = prepared
-        async with self.client.stream(request) as response:
+        try:
+            async with self.client.stream(request) as response:
+                for extension in extensions:
+                    await extension.observe(self, target, request, response, context)
+                yield response
+        except UpstreamError as error:
             for extension in extensions:
-                await extension.observe(self, target, request, response, context)
-            yield response
+                await extension.failed(self, target, request, error, context)
+            raise
 
     def map_output(self, outputs: Sequence[OutputParameter], document: Any) -> Any:
         """Apply a binding's output mapping to a JSON answer (`$.` alone returns it whole)."""
@@ -279,6 +294,10 @@ class Runtime:
         if variable in inputs:
             return _as_text(inputs[variable])
         return ""
+
+    def render_secret(self, text: str) -> str:
+        """A `{{env.NAME}}` template (or plain text) rendered from the binds: an exposed adapter's credential."""
+        return self._render(text, {}, None)
 
     def _render(self, text: str, inputs: Mapping[str, Any], binding: Binding | None) -> str:
         return ex.render(text, lambda name: self._lookup(name, inputs, binding))

@@ -18,6 +18,8 @@ from starlette.types import ASGIApp
 
 from .errors import ConfigError
 
+DRAIN_SECONDS = 10  # after SIGTERM or Ctrl-C, requests in flight get this long to finish
+
 
 @dataclass
 class Listener:
@@ -64,7 +66,13 @@ async def run_listeners(listeners: Sequence[Listener], on_started: Callable[[], 
     servers = []
     for listener in listeners:
         assert listener.sock is not None, "bind() first"
-        config = uvicorn.Config(listener.app, log_level="warning", access_log=False, lifespan="auto")
+        config = uvicorn.Config(
+            listener.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="auto",
+            timeout_graceful_shutdown=DRAIN_SECONDS,  # a stalled download cannot hold a stop forever
+        )
         servers.append((_Server(config), listener.sock))
     loop = asyncio.get_running_loop()
 

@@ -35,6 +35,15 @@ def check_url(url: str, variable: str) -> str:
     return url.rstrip("/")
 
 
+def check_token(token: str, source: str) -> str:
+    """An inbound token: long enough to resist guessing, and sendable in a header."""
+    if any(ord(c) < 33 or ord(c) == 127 for c in token):
+        raise ConfigError(f"{source} must not contain spaces or control characters")
+    if len(token) < 16:
+        raise ConfigError(f"{source} is too short: use at least 16 characters (e.g. `openssl rand -hex 24`)")
+    return token
+
+
 def default_state_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME") or Path.home()) / ".local" / "state")
     return Path(base) / "goatcounter-exports"
@@ -64,6 +73,8 @@ class Settings:
     database_path: Path | None = None  # the synced pageviews; default: in state_dir
     cache_dir: Path = Path(".")
     crash_at: str | None = None  # tests only: where `sync` kills itself
+    auth_token: str | None = field(default=None, repr=False)  # what REST and MCP clients must present
+    insecure_no_auth: bool = False  # serve a non-loopback address without inbound authentication
 
     @property
     def database(self) -> Path:
@@ -108,6 +119,8 @@ class Settings:
             values["allowed_hosts"] = tuple(
                 h.strip() for h in env["GOATCOUNTER_EXPORTS_ALLOWED_HOSTS"].split(",") if h.strip()
             )
+        if env.get("GOATCOUNTER_EXPORTS_AUTH_TOKEN"):
+            values["auth_token"] = check_token(env["GOATCOUNTER_EXPORTS_AUTH_TOKEN"], "GOATCOUNTER_EXPORTS_AUTH_TOKEN")
         if env.get(SITE_URL_VARIABLE):
             values["site_url"] = check_url(env[SITE_URL_VARIABLE], SITE_URL_VARIABLE)
         crash_at = env.get("GOATCOUNTER_EXPORTS_CRASH_AT")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,10 +29,19 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
 MAX_BUFFERED_BYTES = 16 * 1024 * 1024
-RETRY_DELAYS = (0.2, 0.5)  # connection failures of idempotent requests only
 MAX_THROTTLE_WAIT = 2.0  # seconds of Retry-After that a read waits out by itself
-MAX_THROTTLE_RETRIES = 4
-MIN_THROTTLE_WAIT = 0.3
+RETRIED_STATUSES = (429, 502, 503, 504)  # answers a read asks again about
+MAX_RETRIES = 5
+RETRY_DEADLINE = 8.0  # seconds a read may spend asking again, in all
+FIRST_PAUSE = 0.3
+
+
+def backoff(attempt: int) -> float:
+    """A pause growing from FIRST_PAUSE, with jitter, so that many clients do not ask again in step."""
+    base: float = min(FIRST_PAUSE * 2**attempt, MAX_THROTTLE_WAIT)
+    return base * random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not a secret
+
+
 USER_AGENT = f"goatcounter-exports/{__version__}"
 
 
@@ -89,6 +99,11 @@ class UpstreamResponse:
         self.reason = reason
         self._raw = raw
         self._body = body
+
+    def copy(self) -> UpstreamResponse:
+        """This answer, read whole, for another caller (only after `read()`)."""
+        assert self._body is not None, "read() first"
+        return UpstreamResponse(self.status, self.headers, self.host, body=self._body, reason=self.reason)
 
     @classmethod
     def local(cls, status: int, document: Any, headers: Mapping[str, str], host: str) -> UpstreamResponse:
@@ -208,6 +223,8 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        # GETs in flight, by everything that makes them identical: a second one waits for the first's answer.
+        self._flights: dict[tuple[object, ...], asyncio.Future[UpstreamResponse | None]] = {}
 
     async def __aenter__(self) -> UpstreamClient:
         await self.open()
@@ -233,12 +250,58 @@ class UpstreamClient:
 
     @asynccontextmanager
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
-        """Send `request`; yield the response with its body unread; always release the connection."""
+        """Send `request`; yield the response with its body unread; always release the connection.
+
+        Identical GETs in flight at once share one upstream request: the first one's textual answer (JSON,
+        read whole) is handed to the others too. A binary answer (a file) is streamed to the first only; the
+        others then ask for themselves.
+        """
+        if request.method != "GET":
+            async with self._send(request) as response:
+                yield response
+            return
+        key = (request.url, request.params, tuple(sorted(request.headers.items())))
+        flight = self._flights.get(key)
+        if flight is not None:
+            shared = await asyncio.shield(flight)
+            if shared is not None:
+                yield shared.copy()
+                return
+            async with self._send(request) as response:
+                yield response
+            return
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        try:
+            async with self._send(request) as response:
+                shared = None
+                if response.is_textual:
+                    await response.read()
+                    shared = response.copy()
+                flight.set_result(shared)
+                self._flights.pop(key, None)
+                yield response
+        finally:
+            if not flight.done():
+                flight.set_result(None)  # failed or cancelled: the others ask for themselves
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+
+    @asynccontextmanager
+    async def _send(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        """One request, retried as below when it is a read.
+
+        A read (GET, HEAD) that fails to connect, or is answered 502, 503, 504 or 429 with a short
+        Retry-After, is tried again with jittered, growing pauses (never sooner than Retry-After says),
+        within RETRY_DEADLINE. A request that changes something (a POST creating an export) is sent once:
+        only its caller can know whether sending it again is safe.
+        """
         await self.open()
         assert self._session is not None
         idempotent = request.method in ("GET", "HEAD")
-        delays = RETRY_DELAYS if idempotent else ()
-        attempt = throttled = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_DEADLINE
+        attempt = 0
         while True:
             try:
                 with translate_errors(request.host):
@@ -251,24 +314,33 @@ class UpstreamClient:
                         allow_redirects=False,
                     )
             except UpstreamUnreachable:
-                if attempt >= len(delays):
+                pause = backoff(attempt)
+                if not idempotent or loop.time() + pause > deadline:
                     raise
-                await asyncio.sleep(delays[attempt])
+                await asyncio.sleep(pause)
                 attempt += 1
                 continue
-            # A short per-second limit (GoatCounter's 4 requests a second) is waited out for reads;
-            # a long one, and any refused POST, is the caller's to see.
-            wait = retry_after(raw.headers.get("Retry-After")) if raw.status == 429 and idempotent else None
-            if wait is None or wait > MAX_THROTTLE_WAIT or throttled >= MAX_THROTTLE_RETRIES:
+            wait = self._pause(raw.status, raw.headers.get("Retry-After"), attempt) if idempotent else None
+            if wait is None or loop.time() + wait > deadline:
                 break
             raw.release()
-            # Retry-After is rounded to whole seconds ("0" for 0.4 s left): never retry at once.
-            await asyncio.sleep(max(wait, MIN_THROTTLE_WAIT * 2**throttled))
-            throttled += 1
+            await asyncio.sleep(wait)
+            attempt += 1
         try:
             yield UpstreamResponse(raw.status, raw.headers, request.host, raw=raw, reason=raw.reason or "")
         finally:
             raw.release()
+
+    @staticmethod
+    def _pause(status: int, retry_after_header: str | None, attempt: int) -> float | None:
+        """How long to wait before asking again, or None to hand this answer over as it is."""
+        if status not in RETRIED_STATUSES or attempt >= MAX_RETRIES:
+            return None
+        wait = retry_after(retry_after_header)
+        if wait is not None and wait > MAX_THROTTLE_WAIT:
+            return None  # a long wait (the hourly budget) is the caller's to see
+        # Retry-After is rounded to whole seconds ("0" for 0.4 s left): never ask again at once.
+        return max(wait or 0.0, backoff(attempt))
 
     async def fetch_json(self, request: UpstreamRequest) -> tuple[int, Any]:
         async with self.stream(request) as response:

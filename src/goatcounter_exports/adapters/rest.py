@@ -36,10 +36,11 @@ class RestHooks(Protocol):
     def handler(self, binding: Binding) -> Handler | None:
         """A handler for a route this API knows better than a pass-through, or None."""
 
-    async def annotate(self, binding: Binding, document: Any) -> dict[str, str]:
-        """Headers to add to a passed-through JSON answer (e.g. a note on what it means)."""
+    async def shape(self, binding: Binding, document: Any) -> tuple[Any, dict[str, str]]:
+        """A passed-through JSON answer as clients should see it (fields dropped, a note added as a header)."""
 
 
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 PASSTHROUGH_HEADERS = (
     "Retry-After",
     "X-Rate-Limit-Limit",
@@ -75,6 +76,8 @@ async def read_json_body(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise InputError("request body is not valid JSON", field="body") from None
+    except RecursionError:
+        raise InputError("request body nests too deeply", field="body") from None
 
 
 def passthrough_headers(response: UpstreamResponse) -> dict[str, str]:
@@ -126,7 +129,8 @@ async def forward(
         if document is not NOT_JSON:
             content = runtime.map_output(binding.outputs, document) if success else document
             if success and hook is not None:
-                headers.update(await hook.annotate(binding, document))
+                content, extra = await hook.shape(binding, content)
+                headers.update(extra)
             return JSONResponse(content, response.status, headers)
         if success:
             return Response(body, response.status, headers, media_type=response.content_type or None)
@@ -165,6 +169,10 @@ def endpoint(
         stack = AsyncExitStack()
         streamed = False  # a streamed body closes the upstream response itself, when it ends
         try:
+            # A body must say it is JSON: a form or text/plain POST is what another site's page can send
+            # without asking (no CORS preflight), so it is refused before anything is read or spent.
+            if request.method in BODY_METHODS and not is_json(request.headers.get("content-type", "")):
+                return error_response(415, "send a JSON body with Content-Type: application/json")
             raw = await read_inputs(request, binding, max_body_bytes)
             inputs = runtime.validate(binding, raw, from_strings=True)
             if handler is not None:
@@ -185,7 +193,12 @@ def endpoint(
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, exc.detail)
+    return error_response(exc.status_code, exc.detail, headers=dict(exc.headers or {}))  # 405 keeps its Allow
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 def create_rest_app(

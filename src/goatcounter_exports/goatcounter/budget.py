@@ -11,15 +11,17 @@ the export it first created instead of making a second one.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
-from ..errors import GoatcounterExportsError
+from ..errors import ApiError, GoatcounterExportsError, StateError, UpstreamProtocolError, UpstreamTimeout
 from ..runtime import CallContext, Runtime
 from ..spec.resolve import Target
 from ..upstream import NOT_JSON, UpstreamRequest, UpstreamResponse, parse_json
-from .exports import ExportOps, request_key
+from .exports import Export, ExportOps, request_key
 from .store import RECENT_EXPORT_SECONDS, StateStore, budget_host
 
 
@@ -28,6 +30,15 @@ def _int(value: str | None) -> int | None:
         return int(float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+IN_FLIGHT_SECONDS = 45.0  # an Idempotency-Key reserved this recently may still be on its way: 409
+PROBES = 5  # export ids looked at to settle a create that got no answer
+log = logging.getLogger(__name__)
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def key_of(request: UpstreamRequest) -> str:
@@ -43,14 +54,34 @@ class ExportBudget:
         self.clock = clock
 
     async def before_create(
-        self, runtime: Runtime, target: Target, api_uri: str, context: CallContext
+        self, runtime: Runtime, target: Target, api_uri: str, body: dict[str, Any], context: CallContext
     ) -> UpstreamResponse | None:
-        """An answer made here for an idempotent replay or a spent budget; None lets the create go."""
-        if context.idempotency_key:
-            export_id = await self.store.export_for_key(api_uri, context.idempotency_key)
+        """An answer made here (an idempotent replay or refusal, a spent budget); None lets the create go."""
+        await self.store.check_writable()  # a create we could not record would spend the budget blind
+        host = target_host(api_uri)
+        key = context.idempotency_key
+        if key:
+            reservation = await self.store.reserve(api_uri, key, request_key(body), IN_FLIGHT_SECONDS, self.clock())
+            if reservation.state == "mismatch":
+                message = "this Idempotency-Key was first used with another request; use a new key for this one"
+                return UpstreamResponse.local(422, {"error": message}, {}, host)
+            if reservation.state == "in_flight":
+                message = "a request with this Idempotency-Key is being sent; ask again in a moment"
+                return UpstreamResponse.local(409, {"error": message}, {"Retry-After": "1"}, host)
+            export_id = reservation.export_id
+            if reservation.state == "unknown":  # an earlier try got no answer: did it create the export?
+                export_id = await self._find(runtime, target, api_uri, body, (reservation.started_at or 0) - 5)
+                if export_id is not None:
+                    await self.store.settle(api_uri, key, export_id)
             if export_id is not None:
                 current = await self._current(runtime, target, export_id)
-                return UpstreamResponse.local(202, current, {"Idempotent-Replayed": "true"}, target_host(api_uri))
+                return UpstreamResponse.local(202, current, {"Idempotent-Replayed": "true"}, host)
+        spent = await self._spent(api_uri)
+        if spent is not None and key:
+            await self.store.settle(api_uri, key, None)
+        return spent
+
+    async def _spent(self, api_uri: str) -> UpstreamResponse | None:
         now = self.clock()
         budget = await self.store.budget(api_uri)
         if budget is None or not budget.exhausted(now):
@@ -71,6 +102,16 @@ class ExportBudget:
     async def after_create(
         self, api_uri: str, request: UpstreamRequest, response: UpstreamResponse, context: CallContext
     ) -> None:
+        """Learn the budget from the answer, and remember the export. A state store that cannot be written
+        must not lose the export GoatCounter made (and charged for): the caller still gets it."""
+        try:
+            await self._record(api_uri, request, response, context)
+        except StateError as exc:
+            log.warning("export created, but not recorded in the state store: %s", exc)
+
+    async def _record(
+        self, api_uri: str, request: UpstreamRequest, response: UpstreamResponse, context: CallContext
+    ) -> None:
         headers = response.headers
         limit = _int(headers.get("X-Rate-Limit-Limit"))
         remaining = _int(headers.get("X-Rate-Limit-Remaining"))
@@ -79,12 +120,47 @@ class ExportBudget:
             remaining, reset = 0, _int(headers.get("Retry-After")) or reset
         if remaining is not None and reset is not None:
             await self.store.save_budget(api_uri, limit, remaining, reset, now=self.clock())
-        if response.status == 202:
-            export = parse_json(await response.read())
-            if export is not NOT_JSON and isinstance(export.get("id"), int):
-                await self.store.record_export(
-                    api_uri, export["id"], key_of(request), context.idempotency_key, now=self.clock()
-                )
+        export = parse_json(await response.read()) if response.status == 202 else NOT_JSON
+        export_id = export.get("id") if isinstance(export, dict) else None
+        if isinstance(export_id, int):
+            await self.store.record_export(api_uri, export_id, key_of(request), context.idempotency_key, self.clock())
+        if context.idempotency_key:
+            await self.store.settle(api_uri, context.idempotency_key, export_id if isinstance(export_id, int) else None)
+
+    async def create_refused(self, api_uri: str, context: CallContext) -> None:
+        """The create was refused before it was sent: its Idempotency-Key is free again."""
+        if context.idempotency_key:
+            await self.store.settle(api_uri, context.idempotency_key, None)
+
+    async def create_failed(self, api_uri: str, error: GoatcounterExportsError, context: CallContext) -> None:
+        """No answer to a create: after a timeout GoatCounter may have made the export, so a retry with the
+        same Idempotency-Key looks for it before creating again; otherwise the key is free again."""
+        if context.idempotency_key:
+            unknown = isinstance(error, UpstreamTimeout | UpstreamProtocolError)  # sent, perhaps done
+            await self.store.settle(api_uri, context.idempotency_key, None, unknown=unknown)
+
+    async def _find(
+        self, runtime: Runtime, target: Target, api_uri: str, body: dict[str, Any], since: float
+    ) -> int | None:
+        """The export an unanswered create made, if it did: GoatCounter numbers exports in order, so the few
+        ids after the newest one recorded here are asked for (bounded), and one of this request made since
+        the try is taken."""
+        get = ExportOps.find(runtime, target.consumes.namespace).get
+        first = await self.store.max_export_id(api_uri) + 1
+        wanted = request_key(body)
+        for export_id in range(first, first + PROBES):
+            try:
+                async with runtime.call_target(get, ExportOps.id_values(get, export_id)) as response:
+                    document = await response.document()
+            except ApiError:
+                continue  # another site's export, or none yet
+            if not isinstance(document, dict):
+                continue
+            made = Export.parse(document)
+            created = made.document.get("created_at")
+            if request_key(made.document) == wanted and created and _epoch(str(created)) >= since:
+                return made.id
+        return None
 
     async def before_read(self, api_uri: str) -> UpstreamResponse | None:
         """A local 429 while GoatCounter's hourly API budget (main's api2) is known to be spent."""

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import InputError
+from ..errors import GoatcounterExportsError, InputError
 from ..runtime import CallContext, Runtime
 from ..settings import check_url
 from ..spec.models import Consumes
@@ -29,6 +29,7 @@ from .site import SiteProbe
 from .versions import API_PATH, CreateBodyStyle
 
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1  # GoatCounter's hit ids; beyond it a create is refused upstream, after being charged
 
 CREATE_BODY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -37,6 +38,7 @@ CREATE_BODY_SCHEMA: dict[str, Any] = {
         "start_from_hit_id": {
             "type": "integer",
             "minimum": 0,
+            "maximum": INT64_MAX,
             "description": "Export only pageviews with a hit id greater than this (exclusive); "
             "pass the previous export's last_hit_id for an incremental export.",
         },
@@ -99,13 +101,18 @@ class GoatCounterProfile:
             return replace(request, headers=headers)
         body = json.loads(request.body) if request.body else {}
         if self.budget is not None:
-            answer = await self.budget.before_create(runtime, target, api_uri, context)
+            answer = await self.budget.before_create(runtime, target, api_uri, body, context)
             if answer is not None:
                 return answer
-        version, takes_format = await self.create_body.learn(runtime.client.fetch_json, api_uri)
-        body = adapt_create_body(body, version, takes_format)
-        if takes_format:  # main: a cold key's first request is a 404 that still spends the hour; warm it first
-            await self.site.me(runtime, target.consumes.namespace)
+        try:
+            version, takes_format = await self.create_body.learn(runtime.client.fetch_json, api_uri)
+            body = adapt_create_body(body, version, takes_format)
+            if takes_format:  # main: a cold key's first request is a 404 that still spends the hour; warm it
+                await self.site.me(runtime, target.consumes.namespace)
+        except GoatcounterExportsError:
+            if self.budget is not None:  # nothing was sent: an Idempotency-Key it reserved is free again
+                await self.budget.create_refused(api_uri, context)
+            raise
         return replace(request, body=json.dumps(body, separators=(",", ":")).encode(), headers=headers)
 
     async def observe(
@@ -122,6 +129,17 @@ class GoatCounterProfile:
             await self.budget.after_create(runtime.base_uri(target.consumes.namespace), request, response, context)
         else:
             await self.budget.after_read(runtime.base_uri(target.consumes.namespace), response)
+
+    async def failed(
+        self,
+        runtime: Runtime,
+        target: Target,
+        request: UpstreamRequest,
+        error: GoatcounterExportsError,
+        context: CallContext,
+    ) -> None:
+        if self.budget is not None and export_shape(target) == "create":
+            await self.budget.create_failed(runtime.base_uri(target.consumes.namespace), error, context)
 
 
 def adapt_create_body(body: dict[str, Any], version: str, takes_format: bool) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..adapters.rest import Handler, streaming
-from ..errors import ExportError
+from ..errors import ExportError, ExportFailed
 from ..spec.resolve import Binding
 from .exportfile import ExportReader, kind_of
 from .exports import Export, export_shape
@@ -54,14 +54,16 @@ class GoatCounterRest:
         self.reader = reader
         self.note = note
 
-    async def annotate(self, binding: Binding, document: Any) -> dict[str, str]:
+    async def shape(self, binding: Binding, document: Any) -> tuple[Any, dict[str, str]]:
+        """An export object without GoatCounter's server-side file `path`, with a note when it is an empty CSV."""
         if export_shape(binding.target) not in ("create", "get") or not isinstance(document, dict):
-            return {}
+            return document, {}
+        shown = {k: v for k, v in document.items() if k != "path"}
         try:
             note = await self.note(Export.parse(document))
         except ExportError:
-            return {}
-        return {NOTE_HEADER: note} if note else {}
+            return shown, {}
+        return shown, ({NOTE_HEADER: note} if note else {})
 
     def handler(self, binding: Binding) -> Handler | None:
         if export_shape(binding.target) != "download":
@@ -81,6 +83,18 @@ class GoatCounterRest:
         if zipped and wants_csv(request.headers.get("accept", ""), offered=ZIP_TYPE):
             message = f"export {export.id} is a JSON export (a ZIP of tables): it has no CSV form; ask for {ZIP_TYPE}"
             return JSONResponse({"error": message}, 406)
+        if request.method == "HEAD":  # what a GET would answer, without downloading the file
+            if export.status == "failed":
+                raise ExportFailed(f"export {export.id} failed in GoatCounter: {export.error}")
+            note = await self.note(export)
+            media = (
+                ZIP_TYPE
+                if zipped
+                else "text/csv; charset=utf-8"
+                if wants_csv(request.headers.get("accept", ""))
+                else GZIP_TYPE
+            )
+            return Response(None, 200, {NOTE_HEADER: note} if note else {}, media_type=media)
         stack = AsyncExitStack()
         try:
             file = await stack.enter_async_context(self.reader.open(export))

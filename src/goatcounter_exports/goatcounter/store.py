@@ -37,6 +37,15 @@ create table if not exists exports (
 );
 create unique index if not exists exports_idempotency on exports (api_uri, idempotency_key)
     where idempotency_key is not null;
+create table if not exists idempotency (
+    api_uri text not null,
+    key text not null,
+    request text not null,
+    state text not null,
+    export_id integer,
+    started_at real not null,
+    primary key (api_uri, key)
+);
 create table if not exists budgets (
     host text primary key,
     limit_per_window integer,
@@ -45,6 +54,8 @@ create table if not exists budgets (
 );
 """
 STATE_FILE = "state.sqlite3"
+# How long a call waits for another process's lock on the state file before giving up (503, nothing sent).
+BUSY_SECONDS = 2.0
 RECENT_EXPORT_SECONDS = 24 * 3600  # GoatCounter keeps export files a day: older ones are of no use
 
 
@@ -59,6 +70,17 @@ def budget_host(api_uri: str) -> str:
     """The rate-limit domain: `*.goatcounter.com` is one server, anything else its own host:port."""
     netloc = urlsplit(api_uri).netloc.rpartition("@")[2].lower()
     return "goatcounter.com" if netloc == "goatcounter.com" or netloc.endswith(".goatcounter.com") else netloc
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an Idempotency-Key holds: `reserved` (go ahead), `mismatch` (another request used it),
+    `in_flight` (a request with it is being sent), `done` (its export is `export_id`), or `unknown` (an
+    earlier try got no answer, at `started_at`: look before creating again)."""
+
+    state: Literal["reserved", "mismatch", "in_flight", "done", "unknown"]
+    export_id: int | None = None
+    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,7 @@ class StateStore:
             try:
                 if self._db is None:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
-                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
                     db.execute("pragma journal_mode=wal")
                     db.executescript(SCHEMA)
                     if "request" not in {row[1] for row in db.execute("pragma table_info(exports)")}:
@@ -108,6 +130,15 @@ class StateStore:
         self._thread.submit(close_on_thread).result()
         self._thread.shutdown()
 
+    async def check_writable(self) -> None:
+        """Raise StateError now, before an export is created, if its record could not be written after."""
+
+        def probe(db: sqlite3.Connection) -> None:
+            db.execute("begin immediate")
+            db.execute("commit")
+
+        await self._run(probe)
+
     async def record_export(
         self, api_uri: str, export_id: int, request: str, key: str | None, now: float | None = None
     ) -> None:
@@ -122,13 +153,64 @@ class StateStore:
             )
         )
 
-    async def export_for_key(self, api_uri: str, key: str) -> int | None:
-        row = await self._run(
-            lambda db: db.execute(
-                "select export_id from exports where api_uri = ? and idempotency_key = ?", (api_uri, key)
+    async def reserve(self, api_uri: str, key: str, request: str, in_flight: float, now: float) -> Reservation:
+        """Take an Idempotency-Key for a request, atomically across processes (one transaction)."""
+
+        def decide(db: sqlite3.Connection) -> Reservation:
+            row = db.execute(
+                "select request, state, export_id, started_at from idempotency where api_uri = ? and key = ?",
+                (api_uri, key),
             ).fetchone()
+            if row is None:
+                db.execute("insert into idempotency values (?, ?, ?, 'pending', null, ?)", (api_uri, key, request, now))
+                return Reservation("reserved")
+            held, state, export_id, started = row
+            if held != request:
+                return Reservation("mismatch")
+            if state == "done":
+                return Reservation("done", int(export_id))
+            if state == "pending" and now - float(started) < in_flight:
+                return Reservation("in_flight")
+            db.execute(
+                "update idempotency set state = 'pending', started_at = ? where api_uri = ? and key = ?",
+                (now, api_uri, key),
+            )
+            return Reservation("unknown", started_at=float(started))
+
+        def work(db: sqlite3.Connection) -> Reservation:
+            db.execute("begin immediate")
+            try:
+                reservation = decide(db)
+            except BaseException:
+                db.execute("rollback")
+                raise
+            db.execute("commit")
+            return reservation
+
+        return await self._run(work)
+
+    async def settle(self, api_uri: str, key: str, export_id: int | None, unknown: bool = False) -> None:
+        """An Idempotency-Key's outcome: its export, or (None) no export (the key is free again), or unknown."""
+        args: tuple[object, ...] = (api_uri, key)
+        if export_id is not None:
+            sql, args = (
+                "update idempotency set state = 'done', export_id = ? where api_uri = ? and key = ?",
+                (
+                    export_id,
+                    *args,
+                ),
+            )
+        elif unknown:
+            sql = "update idempotency set state = 'unknown' where api_uri = ? and key = ?"
+        else:
+            sql = "delete from idempotency where api_uri = ? and key = ? and state != 'done'"
+        await self._run(lambda db: db.execute(sql, args))
+
+    async def max_export_id(self, api_uri: str) -> int:
+        row = await self._run(
+            lambda db: db.execute("select max(export_id) from exports where api_uri = ?", (api_uri,)).fetchone()
         )
-        return int(row[0]) if row else None
+        return int(row[0]) if row and row[0] is not None else 0
 
     async def latest_export(self, api_uri: str, since: float, request: str | None = None) -> int | None:
         """The id of the newest export created here since `since`, for that canonical request when given."""

@@ -37,6 +37,7 @@ from ..spec.resolve import Binding
 from . import stats
 from .exportfile import DEFAULT_PAGE_ROWS, DEFAULT_TABLE, JSON_TABLES, MAX_PAGE_ROWS, ExportReader, Page, split_header
 from .exports import Export, ExportRequest, export_shape
+from .profile import INT64_MAX
 from .workflow import ExportJob
 
 PREVIEW_ROWS = 20
@@ -121,6 +122,7 @@ EXPORT_JOB_INPUT: dict[str, Any] = {
         "start_from_hit_id": {
             "type": "integer",
             "minimum": 0,
+            "maximum": INT64_MAX,
             "description": "Only pageviews after this hit id (the last_hit_id of a previous export). Default 0: all.",
         },
         "timeout_seconds": {"type": "integer", "minimum": 5, "maximum": 3600, "default": 300},

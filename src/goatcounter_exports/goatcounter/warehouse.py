@@ -18,11 +18,11 @@ import fcntl
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import ExportError, IntegrityError
+from ..errors import ExportError, IntegrityError, OutputError
 from .exportfile import DIMENSION_TABLES, JSON_TABLES, OPTIONAL_TABLES, STATS_TABLES
 
 # CSV header name -> SQLite type, where GoatCounter's values are numbers.
@@ -75,12 +75,15 @@ class SqliteWarehouse:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock: TextIO | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("pragma journal_mode=wal")
-        self.db.executescript(SCHEMA)
-        for statement in _json_tables_schema():
-            self.db.execute(statement)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self.db.execute("pragma journal_mode=wal")
+            self.db.executescript(SCHEMA)
+            for statement in _json_tables_schema():
+                self.db.execute(statement)
+        except (sqlite3.Error, OSError) as exc:
+            raise OutputError(f"the synced database {path} cannot be opened: {exc}") from None
 
     def close(self) -> None:
         self.db.close()
@@ -99,13 +102,19 @@ class SqliteWarehouse:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        self.db.execute("begin immediate")
+        """One transaction; an SQLite failure (a full disk, a read-only file) becomes an OutputError that says
+        what failed, and a rollback that fails in turn does not hide it."""
         try:
-            yield
-        except BaseException:
-            self.db.execute("rollback")
-            raise
-        self.db.execute("commit")
+            self.db.execute("begin immediate")
+            try:
+                yield
+            except BaseException:
+                with suppress(sqlite3.Error):  # SQLite may have rolled back already (a full disk does)
+                    self.db.execute("rollback")
+                raise
+            self.db.execute("commit")
+        except sqlite3.Error as exc:
+            raise OutputError(f"the synced database {self.path} cannot be written: {exc}; nothing was added") from None
 
     # -- individual pageviews (CSV) --------------------------------------------------------
 

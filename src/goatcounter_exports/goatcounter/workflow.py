@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, ExportFailed, RateLimited, WaitTimeout
+from ..errors import ConfigError, ExportFailed, OutputError, RateLimited, WaitTimeout
 from ..progress import Progress, no_progress
 from .exportfile import ExportFile, ExportReader
 from .exports import Export, ExportRequest, Format
@@ -114,7 +114,10 @@ async def write_atomically(file: ExportFile, destination: Path, *, decompress: b
     With `decompress`, the CSV is inflated on the way (its version checked). Returns the bytes written.
     """
     destination = destination.resolve()
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {destination}: {exc.strerror}; nothing was written") from None
     written = 0
     data: AsyncIterator[bytes] = file.csv_bytes() if decompress else file.chunks()
     try:
@@ -125,6 +128,9 @@ async def write_atomically(file: ExportFile, destination: Path, *, decompress: b
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, destination)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {destination}: {exc.strerror}; nothing was written") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

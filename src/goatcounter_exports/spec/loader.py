@@ -33,7 +33,6 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("capability.consumes.*", "import"): "imported consumes are not supported",
     ("capability.consumes.*", "location"): "imported consumes are not supported",
     ("capability.consumes.*.resources.*.operations.*", "body"): "request body templates are not supported",
-    ("capability.exposes.*", "authentication"): "authentication on exposed adapters is not implemented",
     ("capability.exposes.*", "resources@mcp"): "MCP resources are not supported",
     ("capability.exposes.*", "prompts"): "MCP prompts are not supported",
     ("capability.exposes.*", "skills"): "skill adapters are not supported",

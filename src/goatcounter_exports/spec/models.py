@@ -123,6 +123,7 @@ class RestExpose(Model):
     port: int
     address: str | None = None
     description: str = ""
+    authentication: Authentication | None = None  # what incoming requests must present
     resources: tuple[ExposedResource, ...] = ()
 
 
@@ -144,6 +145,7 @@ class McpExpose(Model):
     address: str | None = None
     transport: Literal["http", "stdio"] = "http"
     description: str = ""
+    authentication: Authentication | None = None  # what incoming requests must present
     tools: tuple[McpTool, ...]
 
 

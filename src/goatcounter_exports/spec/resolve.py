@@ -121,6 +121,11 @@ def resolve(spec: Spec) -> Resolution:
     seen_ports: dict[int, str] = {}
     for index, expose in enumerate(spec.capability.exposes):
         key: Key = ("capability", "exposes", index)
+        if expose.authentication is not None:
+            for attr in ("token", "key", "value", "username", "password"):
+                text = getattr(expose.authentication, attr)
+                if isinstance(text, str):
+                    _check_template_names(text, (*key, "authentication", attr), result, bound, adapter_inputs=None)
         if expose.port is not None:
             if expose.port in seen_ports:
                 result.error((*key, "port"), f"port {expose.port} is already used by '{seen_ports[expose.port]}'")
