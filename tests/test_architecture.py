@@ -32,7 +32,21 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"errors"},
     "app": {"adapters", "errors", "goatcounter", "progress", "runtime", "server", "settings", "spec", "upstream"},
     "demo": {"app", "server", "settings", "spec", "testbed"},
-    "cli": {"__init__", "app", "demo", "errors", "goatcounter", "progress", "settings", "spec"},
+    "doctor": {"app", "errors", "goatcounter", "upstream"},
+    "browse": {"errors", "goatcounter", "server", "settings"},
+    "cli": {
+        "__init__",
+        "adapters",
+        "app",
+        "browse",
+        "demo",
+        "doctor",
+        "errors",
+        "goatcounter",
+        "progress",
+        "settings",
+        "spec",
+    },
 }
 # Libraries of the adapters' frameworks, which the generic core must never import.
 FRAMEWORKS = ("starlette", "mcp", "mcp_types", "uvicorn")

@@ -80,7 +80,8 @@ def check_tools(tools: list[Any]) -> None:
         assert by_name[name].annotations.idempotent_hint is True
     create = by_name["create-csv-export"]
     assert create.input_schema["properties"]["start_from_hit_id"]["type"] == "integer"
-    assert "body" in create.input_schema["properties"]
+    assert "body" not in create.input_schema["properties"]  # its fields are arguments of their own
+    assert "one export an hour" in create.description and "exclusive" in create.description
     assert create.annotations.read_only_hint is False and create.annotations.destructive_hint is False
     assert all(by_name[name].annotations.open_world_hint is True for name in SEED_TOOLS)
     assert all(tool.output_schema and tool.description for tool in tools)
@@ -189,6 +190,7 @@ def test_bad_arguments_are_errors_without_upstream_call(
     with RecordingProxy(goatcounter.url) as proxy:
         env = service_env(goatcounter, tmp_path, GOATCOUNTER_URL=proxy.url)
         with running(SERVE, env, want=("REST", "MCP")) as service:
+            proxy.requests.clear()  # serve's checks at start (GET /status, the key) are not the call's
             result = call_tool(service.mcp, "download-export", arguments)
     assert result.is_error
     assert "Invalid arguments" in text_of(result)

@@ -63,8 +63,29 @@ def test_malformed_settings_are_refused_at_start(variable: str, value: str, word
 )
 def test_the_binds_are_resolved_when_the_app_is_built(secrets: dict[str, str], words: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
-        build_app(load_default(), Settings(secrets=secrets, state_dir=tmp_path))
+        build_app(load_default(), Settings(site_url="https://x.goatcounter.com", secrets=secrets, state_dir=tmp_path))
     assert words in str(raised.value) and "abc" not in str(raised.value)
+
+
+def test_a_key_without_a_site_is_an_error_not_goatcounter_com_itself(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GOATCOUNTER_URL is not set"):
+        build_app(load_default(), Settings(secrets={KEY: "k" * 20}, state_dir=tmp_path))
+
+
+def test_the_config_file_sits_under_the_environment_and_the_flags(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('url = "https://file.goatcounter.com"\nrest_port = 8181\nmcp_port = 9191\nlog_format = "json"\n')
+    environ = {"GOATCOUNTER_EXPORTS_MCP_PORT": "9292", "HOME": str(tmp_path)}
+    settings = Settings.from_environ(environ, config_file=config, rest_port=None, log_format=None, mcp_port=None)
+    assert (settings.site_url, settings.rest_port, settings.mcp_port) == ("https://file.goatcounter.com", 8181, 9292)
+    assert settings.sources["rest_port"] == "config file" and settings.sources["mcp_port"] == "environment"
+    assert Settings.from_environ(environ, config_file=config, rest_port=8383).rest_port == 8383
+    config.write_text('api_key = "secret-in-a-file"\n')
+    with pytest.raises(ConfigError, match="never read from a file"):
+        Settings.from_environ(environ, config_file=config)
+    config.write_text("rest_prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'rest_prot'"):
+        Settings.from_environ(environ, config_file=config)
 
 
 def test_every_error_has_one_exit_code_and_one_http_status() -> None:

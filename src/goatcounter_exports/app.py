@@ -14,24 +14,29 @@ consumes something else is served by the generic parts alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .adapters.guard import Guard, InboundAuth
 from .adapters.mcp import create_mcp_server
 from .adapters.openapi import OpenApiHooks
+from .adapters.ops import Metrics, Observe, ops_routes
 from .adapters.rest import RestHooks, create_rest_app
 from .adapters.tools import SpecTools, ToolProvider
-from .errors import ConfigError, SpecError
+from .errors import ConfigError, GoatcounterExportsError, SpecError
 from .goatcounter.budget import ExportBudget
 from .goatcounter.exportfile import ExportReader
-from .goatcounter.exports import ExportOps
+from .goatcounter.exports import ExportOps, export_shape
+from .goatcounter.metrics import StateCollector
 from .goatcounter.openapi import GoatCounterOpenApi
 from .goatcounter.profile import GoatCounterProfile, is_goatcounter, site_api_url
 from .goatcounter.rest import GoatCounterRest
@@ -49,6 +54,8 @@ from .spec.models import Authentication
 from .upstream import UpstreamClient
 
 MCP_PATH = "/mcp"
+READY_SECONDS = 3.0
+PUBLIC_PATHS = ("/", "/healthz", "/readyz")  # answered without authentication: they show nothing secret
 EXPORTS_DIR = "exports"  # verified local copies of finished exports, in the state directory
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -98,6 +105,7 @@ class App:
     settings: Settings
     runtime: Runtime
     store: StateStore
+    metrics: Metrics
     goatcounter: dict[str, GoatCounterParts] = field(default_factory=dict)
 
     async def __aenter__(self) -> App:
@@ -117,10 +125,16 @@ class App:
         hooks: dict[str, RestHooks] = {ns: parts.rest for ns, parts in self.goatcounter.items()}
         openapi: dict[str, OpenApiHooks] = {ns: parts.openapi for ns, parts in self.goatcounter.items()}
         app = create_rest_app(
-            self.runtime, namespace, hooks=hooks, openapi_hooks=openapi, max_body_bytes=self.settings.max_body_bytes
+            self.runtime,
+            namespace,
+            hooks=hooks,
+            openapi_hooks=openapi,
+            max_body_bytes=self.settings.max_body_bytes,
+            extra_routes=ops_routes(self.metrics, self.readiness),
         )
+        observed = Observe(app, self.metrics, "rest", app.routes)
         expose = next((e for e in self.spec.rest_exposes if namespace in (None, e.namespace)), None)
-        return self._guarded(app, expose.authentication if expose else None, "/")
+        return self._guarded(observed, expose.authentication if expose else None, "/", PUBLIC_PATHS)
 
     def mcp_server(self, namespace: str | None = None) -> Server[Any]:
         expose = next((e for e in self.spec.mcp_exposes if namespace in (None, e.namespace)), None)
@@ -147,8 +161,9 @@ class App:
             session_idle_timeout=SESSION_IDLE_SECONDS,
             max_sessions=MAX_SESSIONS,
         )
+        observed = Observe(app, self.metrics, "mcp", [Route(MCP_PATH, app)])
         expose = next((e for e in self.spec.mcp_exposes if namespace in (None, e.namespace)), None)
-        return self._guarded(app, expose.authentication if expose else None, MCP_PATH)
+        return self._guarded(observed, expose.authentication if expose else None, MCP_PATH)
 
     def inbound_auth(self, declared: Authentication | None) -> InboundAuth | None:
         """What clients must present: the expose's own `authentication` (its secrets from the binds), else
@@ -165,9 +180,34 @@ class App:
             return InboundAuth("basic", pair)
         return InboundAuth("bearer", self.settings.auth_token) if self.settings.auth_token else None
 
-    def _guarded(self, app: ASGIApp, declared: Authentication | None, resource: str) -> ASGIApp:
+    def _guarded(
+        self, app: ASGIApp, declared: Authentication | None, resource: str, public: tuple[str, ...] = ()
+    ) -> ASGIApp:
         hosts = allowed_hosts(self.settings.host, self.settings.allowed_hosts)
-        return Guard(app, allowed_hosts=hosts, auth=self.inbound_auth(declared), resource=resource)
+        return Guard(app, allowed_hosts=hosts, auth=self.inbound_auth(declared), resource=resource, public=public)
+
+    async def readiness(self) -> str | None:
+        """None when every GoatCounter consumed answers and accepts the key; else why not, in one line.
+        Quick, as probes want: an answer slower than READY_SECONDS is a "not ready"."""
+        try:
+            return await asyncio.wait_for(self._readiness(), READY_SECONDS)
+        except TimeoutError:
+            return f"GoatCounter did not answer within {READY_SECONDS:.0f} s"
+
+    async def _readiness(self) -> str | None:
+        for namespace in self.goatcounter:
+            request = self.runtime.request_to(namespace, "GET", "/me", {"Content-Type": "application/json"})
+            try:
+                status, _ = await self.runtime.client.fetch_json(request)
+                if status == 404:  # main's cold-key quirk answers a key's first request with 404
+                    status, _ = await self.runtime.client.fetch_json(request)
+            except GoatcounterExportsError as exc:
+                return str(exc)
+            if status in (401, 403):
+                return f"GoatCounter refused the key ({status}): check GOATCOUNTER_API_KEY"
+            if status != 200:
+                return f"GoatCounter answered {status} to GET /api/v0/me: is GOATCOUNTER_URL the site's address?"
+        return None
 
     def check_exposure(self) -> None:
         """Refuse to serve a non-loopback address to anyone who can reach it, unless told to."""
@@ -185,17 +225,12 @@ class App:
 
     def listeners(self) -> list[Listener]:
         """One listener per exposed adapter the spec declares, on the ports settings or the spec give."""
-        settings = self.settings
         result = []
-        for expose in self.spec.rest_exposes[:1]:
-            port = settings.rest_port if settings.rest_port is not None else expose.port
-            result.append(Listener("REST", self.rest_app(expose.namespace), settings.host, port, "/"))
-        for mcp_expose in self.spec.mcp_exposes[:1]:
-            if mcp_expose.transport != "http" and settings.mcp_port is None:
-                continue
-            port = settings.mcp_port if settings.mcp_port is not None else (mcp_expose.port or 9090)
-            app = self.mcp_http_app(mcp_expose.namespace)
-            result.append(Listener("MCP", app, settings.host, port, MCP_PATH))
+        for name, namespace, host, port in planned_listeners(self.spec, self.settings):
+            if name == "REST":
+                result.append(Listener(name, self.rest_app(namespace), host, port, "/"))
+            else:
+                result.append(Listener(name, self.mcp_http_app(namespace), host, port, MCP_PATH))
         return result
 
     # -- GoatCounter workflows ---------------------------------------------------------------
@@ -212,12 +247,12 @@ class App:
         self,
         announce: Callable[[str], None] = print,
         then: Callable[[list[Listener]], None] = lambda listeners: None,
+        preflight: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Serve every adapter until Ctrl-C. Announces `REST  <url>` / `MCP   <url>` once all listen."""
         self.check_exposure()
         found = self.listeners()
-        for listener in found:
-            bind(listener, "--rest-port" if listener.name == "REST" else "--mcp-port")
+        bind_all(found)
 
         def started() -> None:
             for listener in found:
@@ -225,6 +260,8 @@ class App:
             then(found)
 
         async with self:
+            if preflight is not None:
+                await preflight()
             await run_listeners(found, started)
 
     async def serve_stdio(self) -> None:
@@ -234,13 +271,61 @@ class App:
             await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
+def planned_listeners(spec: Spec, settings: Settings) -> list[tuple[str, str, str, int]]:
+    """(adapter, expose namespace, host, port) of what `serve` listens on: the ports settings or the spec give."""
+    planned = []
+    for expose in spec.rest_exposes[:1]:
+        port = settings.rest_port if settings.rest_port is not None else expose.port
+        planned.append(("REST", expose.namespace, settings.host, port))
+    for mcp_expose in spec.mcp_exposes[:1]:
+        if mcp_expose.transport != "http" and settings.mcp_port is None:
+            continue
+        port = settings.mcp_port if settings.mcp_port is not None else (mcp_expose.port or 9090)
+        planned.append(("MCP", mcp_expose.namespace, settings.host, port))
+    return planned
+
+
+def check_ports(spec: Spec, settings: Settings) -> None:
+    """Say now, in one line, which of the ports `serve` would need are busy (before anything slow starts)."""
+    probes = [Listener(name, None, host, port) for name, _, host, port in planned_listeners(spec, settings)]  # type: ignore[arg-type]
+    bind_all(probes)
+    for probe in probes:
+        if probe.sock is not None:
+            probe.sock.close()
+
+
+def bind_all(listeners: list[Listener]) -> None:
+    """Bind every listener's socket, and say in one line which ports are busy, all of them at once."""
+    busy = []
+    for listener in listeners:
+        try:
+            bind(listener, "--rest-port" if listener.name == "REST" else "--mcp-port")
+        except ConfigError:
+            busy.append(listener)
+    if busy:
+        for listener in listeners:
+            if listener.sock is not None:
+                listener.sock.close()
+        where = " and ".join(f"{b.host}:{b.port} ({b.name})" for b in busy)
+        flags = " and ".join("--rest-port" if b.name == "REST" else "--mcp-port" for b in busy)
+        raise ConfigError(f"cannot listen on {where}: address already in use; choose others with {flags} (0: any free)")
+
+
 def base_uris(spec: Spec, settings: Settings) -> dict[str, str]:
     """Each consumed namespace's base URI when not the spec's: a flag or `<NS>_URL` first, then, for
-    GoatCounter, the site of GOATCOUNTER_URL."""
+    GoatCounter, the site of GOATCOUNTER_URL. A GoatCounter whose spec names no site of its own
+    (goatcounter.com itself, as the seed does) needs GOATCOUNTER_URL."""
     result = dict(settings.upstream_urls)
     for consumes in spec.capability.consumes:
-        if consumes.namespace not in result and settings.site_url and is_goatcounter(consumes):
+        if consumes.namespace in result or not is_goatcounter(consumes):
+            continue
+        if settings.site_url:
             result[consumes.namespace] = site_api_url(settings.site_url)
+        elif urlsplit(consumes.base_uri).hostname == "goatcounter.com":
+            raise ConfigError(
+                "GOATCOUNTER_URL is not set: set it to your site's address, e.g. "
+                "`export GOATCOUNTER_URL=https://mysite.goatcounter.com` (goatcounter.com itself is no site)"
+            )
     return result
 
 
@@ -248,14 +333,28 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
     """Every piece, built once. Raises ConfigError for a bound variable that is missing or unusable."""
     client = client or UpstreamClient(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
     store = StateStore(settings.state_dir / STATE_FILE)
+    metrics = Metrics()
+    metrics.registry.register(StateCollector(settings.state_dir / STATE_FILE, settings.database))
     gc_namespaces = [c.namespace for c in spec.capability.consumes if is_goatcounter(c)]
     create_body, site = CreateBodyStyle(), SiteProbe()  # what each server and site told, learnt once
     profile = GoatCounterProfile(ExportBudget(store), create_body, site)
     extensions: dict[str, list[Extension]] = {namespace: [profile] for namespace in gc_namespaces}
+
+    def observe(operation: str, status: int, seconds: float) -> None:
+        metrics.observe_upstream(operation, status, seconds)
+        target = runtime.resolution.targets.get(operation)
+        if status == 202 and target is not None and export_shape(target) == "create":
+            metrics.exports_created.inc()
+
     runtime = Runtime(
-        spec, client=client, secrets=settings.secrets, base_uris=base_uris(spec, settings), extensions=extensions
+        spec,
+        client=client,
+        secrets=settings.secrets,
+        base_uris=base_uris(spec, settings),
+        extensions=extensions,
+        observer=observe,
     )
-    app = App(spec, settings, runtime, store)
+    app = App(spec, settings, runtime, store, metrics)
     for namespace in gc_namespaces:
         try:
             ops = ExportOps.find(runtime, namespace)

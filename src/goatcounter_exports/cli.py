@@ -1,4 +1,4 @@
-"""The `goatcounter-exports` command. Flags and the environment meet here, once, in `Settings`."""
+"""The `goatcounter-exports` command. Flags, the environment and the config file meet here, once, in `Settings`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from . import __version__
+from .adapters.ops import configure_logging
 from .app import App, build_app
+from .app import check_ports as ports_free
 from .demo import run_demo
+from .doctor import checks
 from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -32,12 +35,31 @@ from .goatcounter.sync import sync as run_sync
 from .goatcounter.warehouse import SqliteWarehouse, remove_empty
 from .goatcounter.workflow import write_atomically
 from .progress import reporter
-from .settings import Settings, check_token, check_url
+from .settings import BY_NAME, CONFIG_VARIABLE, Settings, check_url, default_config_file
 from .spec import Spec, load_default, load_path
 from .spec.lint import lint_text, load_schema
 from .spec.loader import default_spec_text
 
 T = TypeVar("T")
+
+EXIT_CODES = """Exit codes: 0 success; 1 failure (lint errors, a failed check, a file that cannot be written);
+2 bad usage or configuration; 3 rate-limited; 4 upstream error; 5 the export did not finish in time;
+6 integrity failure (hash mismatch, unknown format version, damaged file)."""
+
+
+def epilog(examples: str, *settings: str, extra: str = "") -> str:
+    """A command's help after its options: examples, the variables it reads, exit codes (click keeps \\b blocks)."""
+    variables = [BY_NAME[name] for name in settings]
+    lines = [f"  {o.variable:<38} {o.help} (default: {o.default})" for o in variables if o.variable]
+    if extra:
+        lines.append(extra)
+    text = "\b\nExamples:\n" + examples.rstrip() + "\n"
+    if lines:
+        text += "\n\b\nEnvironment (flags win over it; it wins over the config file):\n" + "\n".join(lines) + "\n"
+    return text + "\n\b\n" + EXIT_CODES
+
+
+SITE = "  GOATCOUNTER_URL, GOATCOUNTER_API_KEY   your site, and a key with the 'export' permission"
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -90,10 +112,15 @@ def parse_upstreams(values: tuple[str, ...]) -> dict[str, str]:
 
 def make_settings(spec: Spec, **flags: Any) -> Settings:
     """The only place the process environment is read."""
+    config = click.get_current_context().find_root().params.get("config_file")
     namespaces = [c.namespace for c in spec.capability.consumes]
-    return guarded(
-        lambda: Settings.from_environ(os.environ, namespaces=namespaces, bound=spec.bound_variables, **flags)
+    settings = guarded(
+        lambda: Settings.from_environ(
+            os.environ, config_file=config, namespaces=namespaces, bound=spec.bound_variables, **flags
+        )
     )
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
 
 
 def make_app(spec_path: str | None, **flags: Any) -> App:
@@ -106,20 +133,62 @@ spec_option = click.option("--spec", "spec_path", type=click.Path(dir_okay=False
 upstream_option = click.option(
     "--upstream", multiple=True, metavar="NAMESPACE=URL", help="Base URI for a consumed namespace (repeatable)."
 )
+host_option = click.option("--host", help="Address to listen on (default 127.0.0.1).")
+rest_port_option = click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080; 0: any free).")
+mcp_port_option = click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090; 0: any free).")
+log_options = (
+    click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON objects."),
+    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Least severe shown."),
+)
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(0.1), default=600, show_default=True, help="Seconds to wait for the export."
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def with_logs(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(log_options):
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="goatcounter-exports")
-def main() -> None:
-    """GoatCounter's export API as a REST API and an MCP server, served from a capability spec."""
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"TOML config file (default: ${CONFIG_VARIABLE}, else ~/.config/goatcounter-exports/config.toml if there).",
+)
+def main(config_file: Path | None) -> None:
+    """GoatCounter's export API as a REST API and an MCP server, and an exact local copy of your data.
+
+    Settings come from flags, then the environment, then the config file; `goatcounter-exports config`
+    shows what is in effect and where each value came from. Start with `goatcounter-exports doctor`.
+    """
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "  GOATCOUNTER_URL=https://mysite.goatcounter.com GOATCOUNTER_API_KEY=... goatcounter-exports serve\n"
+        "  GOATCOUNTER_EXPORTS_AUTH_TOKEN=$(openssl rand -hex 24) goatcounter-exports serve --host 0.0.0.0",
+        "host",
+        "rest_port",
+        "mcp_port",
+        "allowed_hosts",
+        "auth_token",
+        "connect_timeout",
+        "read_timeout",
+        "state_dir",
+        "log_format",
+        "log_level",
+        extra=SITE,
+    )
+)
 @spec_option
 @upstream_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080).")
-@click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090).")
+@host_option
+@rest_port_option
+@mcp_port_option
 @click.option(
     "--allowed-host", "allowed_hosts", multiple=True, metavar="NAME", help="Extra Host name REST and MCP accept."
 )
@@ -134,20 +203,20 @@ def main() -> None:
     is_flag=True,
     help="Serve a non-loopback --host without authentication (only behind something that authenticates).",
 )
+@with_logs
 def serve(
     spec_path: str | None,
     upstream: tuple[str, ...],
-    host: str,
+    host: str | None,
     rest_port: int | None,
     mcp_port: int | None,
     allowed_hosts: tuple[str, ...],
     auth_token: str | None,
     insecure_no_auth: bool,
+    log_format: str | None,
+    log_level: str | None,
 ) -> None:
-    """Serve the capability's REST and MCP adapters."""
-    if auth_token is not None:
-        token = auth_token
-        auth_token = guarded(lambda: check_token(token, "--auth-token"))
+    """Serve REST (with /healthz, /readyz, /metrics) and MCP (streamable HTTP at /mcp)."""
     app = make_app(
         spec_path,
         host=host,
@@ -157,11 +226,79 @@ def serve(
         allowed_hosts=allowed_hosts or None,
         auth_token=auth_token,
         insecure_no_auth=insecure_no_auth or None,
+        log_format=log_format,
+        log_level=log_level,
     )
-    run_async(lambda: app.serve_forever(announce=click.echo))
+
+    async def preflight() -> None:
+        """The cheap checks, each failure one warning line: the service starts anyway (see /readyz)."""
+        for check in await checks(app, ports=False, cheap=True):
+            if check.outcome is False:
+                click.echo(f"warning: {check.name}: {check.detail} -> {check.fix}", err=True)
+
+    run_async(lambda: app.serve_forever(announce=click.echo, preflight=preflight))
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "  goatcounter-exports doctor\n  goatcounter-exports doctor --rest-port 0 --mcp-port 0",
+        "rest_port",
+        "mcp_port",
+        "state_dir",
+        extra=SITE,
+    )
+)
+@spec_option
+@host_option
+@rest_port_option
+@mcp_port_option
+def doctor(spec_path: str | None, host: str | None, rest_port: int | None, mcp_port: int | None) -> None:
+    """Check configuration, GoatCounter, the key, the site's settings, the budget and the ports.
+
+    Never spends the export budget. Exits 1 when a check fails.
+    """
+    spec = load_spec(spec_path)
+    try:
+        settings = Settings.from_environ(
+            os.environ,
+            config_file=click.get_current_context().find_root().params.get("config_file"),
+            namespaces=[c.namespace for c in spec.capability.consumes],
+            bound=spec.bound_variables,
+            host=host,
+            rest_port=rest_port,
+            mcp_port=mcp_port,
+        )
+        app = build_app(spec, settings)
+    except ConfigError as exc:
+        click.echo(f"FAIL configuration: {exc}")
+        sys.exit(EXIT_FAILURE)
+
+    async def run() -> None:
+        async with app:
+            found = await checks(app)
+        for check in found:
+            click.echo(check.line())
+        if any(check.outcome is False for check in found):
+            sys.exit(EXIT_FAILURE)
+
+    run_async(run)
+
+
+@main.command(epilog=epilog("  goatcounter-exports config\n  goatcounter-exports --config team.toml config"))
+@spec_option
+def config(spec_path: str | None) -> None:
+    """Print the configuration in effect, where each value came from, and secrets masked."""
+    spec = load_spec(spec_path)
+    settings = make_settings(spec)
+    file = settings.config_file or f"(none; {default_config_file(os.environ)} would be read)"
+    click.echo(f"config file: {file}")
+    rows = settings.shown()
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        click.echo(f"{name:<{width}}  {value}  [{source}]")
+
+
+@main.command(epilog=epilog("  goatcounter-exports lint\n  goatcounter-exports lint mine.yaml --schema schema.json"))
 @click.argument("spec_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True), help="JSON Schema (default: bundled alpha2).")
 def lint(spec_file: str | None, schema: str | None) -> None:
@@ -177,39 +314,79 @@ def lint(spec_file: str | None, schema: str | None) -> None:
     for finding in findings:
         click.echo(f"{source}: {finding}")
     errors = sum(1 for f in findings if f.level == "error")
+    if findings and not errors and text == default_spec_text():
+        click.echo(
+            "note: these warnings are the seed's known deviations from the official schema (typed consumed inputs, "
+            "a REST description, outputs without properties); the runtime serves it as docs/architecture.md says."
+        )
     click.echo(f"{source}: {errors} error(s), {len(findings) - errors} warning(s)")
     sys.exit(EXIT_FAILURE if errors else EXIT_OK)
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        '  {"mcpServers": {"goatcounter": {"command": "/abs/path/.venv/bin/goatcounter-exports", "args": ["mcp"],\n'
+        '     "env": {"GOATCOUNTER_URL": "https://mysite.goatcounter.com", "GOATCOUNTER_API_KEY": "..."}}}}',
+        "state_dir",
+        "database_path",
+        extra=SITE,
+    )
+)
 @spec_option
 @upstream_option
-@click.option("--stdio", is_flag=True, required=True, help="Serve MCP over stdin/stdout (for desktop clients).")
+@click.option("--stdio", is_flag=True, default=True, hidden=True, help="Serve MCP over stdin/stdout (the default).")
 def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool) -> None:
-    """Serve the capability's MCP tools over stdio."""
+    """Serve the MCP tools over stdio, for desktop clients and IDEs that launch a command."""
     app = make_app(spec_path, upstream_urls=parse_upstreams(upstream))
     run_async(app.serve_stdio)
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "  goatcounter-exports demo\n  goatcounter-exports demo --rest-port 0 --mcp-port 0 --pageviews 2000",
+        "cache_dir",
+    )
+)
 @spec_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--rest-port", type=int, help="REST port (default: the spec's, 8080).")
-@click.option("--mcp-port", type=int, help="MCP port (default: the spec's, 9090).")
-@click.option("--pageviews", type=click.IntRange(1, 100_000), default=300, show_default=True)
-def demo(spec_path: str | None, host: str, rest_port: int | None, mcp_port: int | None, pageviews: int) -> None:
+@host_option
+@rest_port_option
+@mcp_port_option
+@click.option(
+    "--pageviews",
+    type=click.IntRange(1, 100_000),
+    default=300,
+    show_default=True,
+    help="Sample pageviews to seed the local GoatCounter with.",
+)
+@click.option("--check-ports", is_flag=True, help="Only check that the ports are free, and exit.")
+def demo(
+    spec_path: str | None,
+    host: str | None,
+    rest_port: int | None,
+    mcp_port: int | None,
+    pageviews: int,
+    check_ports: bool,
+) -> None:
     """Start a local GoatCounter with sample pageviews and serve REST and MCP against it."""
     spec = load_spec(spec_path)
     settings = make_settings(spec, host=host, rest_port=rest_port, mcp_port=mcp_port)  # its own site and key
+    if check_ports:
+        guarded(lambda: ports_free(spec, settings))
+        return
     guarded(lambda: run_demo(spec, settings, click.echo, pageviews))
 
 
-timeout_option = click.option(
-    "--timeout", type=click.FloatRange(0.1), default=600, show_default=True, help="Seconds to wait for the export."
+@main.command(
+    epilog=epilog(
+        "  goatcounter-exports export -o pageviews.csv\n"
+        "  goatcounter-exports export -o new.csv.gz --gzip --since-hit-id 1234\n"
+        "  goatcounter-exports export --format json -o site.zip --since-day 2026-11-01",
+        "state_dir",
+        "connect_timeout",
+        "read_timeout",
+        extra=SITE,
+    )
 )
-
-
-@main.command()
 @spec_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
 @click.option(
@@ -233,7 +410,11 @@ def export(
     keep_gzip: bool,
     timeout: float,
 ) -> None:
-    """Create (or reuse) an export, wait for it, download it, verify it, and write it atomically."""
+    """Create (or reuse) an export, wait for it, download it, verify it, and write it atomically.
+
+    The file is written like any other (your umask decides who may read it). A CSV's first column is named
+    `2Path`: GoatCounter puts the CSV format version, 2, in front of its first column's name.
+    """
     if export_format == "json" and (since_hit_id or keep_gzip):
         fail("--since-hit-id and --gzip are for CSV exports; a JSON export takes --since-day")
     if export_format == "csv" and since_day is not None:
@@ -247,11 +428,8 @@ def export(
         async with app:
             await job.choose_format(export_format)  # refuses a CSV export a site would leave empty
             export, reused = await job.create_or_reuse(request)
-            what = (
-                f"hits after {since_hit_id}"
-                if export_format == "csv"
-                else f"statistics from {since_day or 'the start'}"
-            )
+            first_day = request.start_from_day or "the start"
+            what = f"hits after {since_hit_id}" if export_format == "csv" else f"statistics from {first_day}"
             report.line(f"{'Reusing' if reused else 'Created'} export {export.id} ({what})")
             with report.live():
                 export = await job.wait(export, timeout)
@@ -271,7 +449,18 @@ def export(
     run_async(run)
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "  goatcounter-exports sync\n"
+        "  goatcounter-exports sync --db site.sqlite3 --format json --quiet\n"
+        "  15 * * * * GOATCOUNTER_URL=... GOATCOUNTER_API_KEY=... /abs/path/.venv/bin/goatcounter-exports sync -q",
+        "database_path",
+        "state_dir",
+        "connect_timeout",
+        "read_timeout",
+        extra=SITE,
+    )
+)
 @spec_option
 @click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="SQLite database to fill.")
 @click.option(
@@ -282,13 +471,14 @@ def export(
     show_default=True,
     help="csv: individual pageviews; json: the dashboard's statistics; auto: json where GoatCounter has it.",
 )
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success but notes to act on (for cron).")
 @timeout_option
-def sync(spec_path: str | None, database: Path | None, export_format: str, timeout: float) -> None:
+def sync(spec_path: str | None, database: Path | None, export_format: str, quiet: bool, timeout: float) -> None:
     """Copy new data into a local SQLite database; run again and again, e.g. from cron."""
-    app = make_app(spec_path)
-    report = reporter()
+    app = make_app(spec_path, database_path=database)
+    report = reporter(quiet=quiet)
     job = guarded(lambda: app.export_job(report))
-    target = database or app.settings.database
+    target = app.settings.database
     existed = target.exists()
     wanted: Format | None = None if export_format == "auto" else export_format  # type: ignore[assignment]
 
@@ -306,6 +496,6 @@ def sync(spec_path: str | None, database: Path | None, export_format: str, timeo
                 remove_empty(target)  # a failed first run leaves nothing that looks synced
         report.line(result.line(target))
         if result.note:
-            report.line(f"note: {result.note}")
+            click.echo(f"note: {result.note}", err=True)
 
     run_async(run)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .app import build_app
+from .app import build_app, check_ports
 from .server import Listener
 from .settings import Settings
 from .spec import Spec
@@ -39,6 +39,7 @@ def sample_pageviews(count: int, seed: int = 7) -> list[dict[str, Any]]:
 
 
 def run_demo(spec: Spec, settings: Settings, announce: Callable[[str], None], pageviews: int = 300) -> None:
+    check_ports(spec, settings)  # busy ports are told before a GoatCounter is started, all at once
     binary = find_binary(cache_dir=settings.cache_dir)
     with tempfile.TemporaryDirectory(prefix="goatcounter-demo-") as workdir:
         goatcounter = LocalGoatCounter(binary, Path(workdir))
@@ -55,9 +56,14 @@ def run_demo(spec: Spec, settings: Settings, announce: Callable[[str], None], pa
                 announce(f"API key      {goatcounter.export_key}  (a key of this local demo only)")
                 announce("")
                 announce("Try:")
-                announce(f"  curl -s -X POST {rest}/v1/export -H 'Content-Type: application/json' -d '{{}}'")
-                announce(f"  curl -s {rest}/v1/export/1")
-                announce(f"  curl -s -H 'Accept: text/csv' {rest}/v1/export/1/download | head")
+                announce(f"  curl -sf -X POST {rest}/v1/export -H 'Content-Type: application/json' -d '{{}}'")
+                announce(f"  curl -sf {rest}/v1/export/1")
+                announce(f"  curl -sf -H 'Accept: text/csv' {rest}/v1/export/1/download | head")
+                announce("")
+                announce("Or, in another shell, export and sync from it:")
+                announce(f"  export GOATCOUNTER_URL={goatcounter.url} GOATCOUNTER_API_KEY={goatcounter.export_key}")
+                announce("  .venv/bin/goatcounter-exports export -o pageviews.csv")
+                announce("  .venv/bin/goatcounter-exports sync")
                 announce("Press Ctrl-C to stop the demo and its GoatCounter.")
 
             asyncio.run(app.serve_forever(announce, explain))

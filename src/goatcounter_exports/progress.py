@@ -25,21 +25,26 @@ async def no_progress(stage: str, done: float, total: float | None) -> None:
 
 
 class Reporter:
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, quiet: bool = False) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
+        self.quiet = quiet  # nothing but what the caller prints itself (cron)
+        self.tty = stream.isatty() and not quiet
         self._bar: bar.Progress | None = None
         self._tasks: dict[str, bar.TaskID] = {}
         self._last_line = 0.0
         self._last_stage = ""
 
     def line(self, text: str) -> None:
+        if self.quiet:
+            return
         if self._bar is not None:
             self._bar.console.print(text)
         else:
             print(text, file=self.stream, flush=True)
 
     async def __call__(self, stage: str, done: float, total: float | None) -> None:
+        if self.quiet:
+            return
         if self._bar is not None:
             if stage not in self._tasks:
                 label = "Waiting for GoatCounter" if stage == "waiting" else "Downloading"
@@ -67,5 +72,5 @@ class Reporter:
                 self._bar = None
 
 
-def reporter() -> Reporter:
-    return Reporter(sys.stderr)
+def reporter(*, quiet: bool = False) -> Reporter:
+    return Reporter(sys.stderr, quiet=quiet)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,6 +69,10 @@ class Extension(Protocol):
         """Learn that a request got no answer (unreachable, timed out): did it happen upstream or not?"""
 
 
+# Told of every upstream answer: (operation, status, seconds to its headers). The app feeds its metrics.
+Observer = Callable[[str, int, float], None]
+
+
 def check_secret(name: str, value: str | None, binding: str) -> str:
     """A bound variable's value, refused at start when it is missing or could not be sent in a header."""
     if not value:
@@ -88,11 +93,13 @@ class Runtime:
         secrets: Mapping[str, str],
         base_uris: Mapping[str, str] | None = None,
         extensions: Mapping[str, Sequence[Extension]] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         """`secrets` holds the bound variables' values (a missing one is a ConfigError here, at start);
         `base_uris` overrides a consumed namespace's `baseUri`; `extensions` are keyed by namespace."""
         self.spec = spec
         self.client = client
+        self.observer = observer
         self.resolution = resolve(spec)
         self._extensions = {namespace: tuple(found) for namespace, found in (extensions or {}).items()}
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
@@ -263,8 +270,11 @@ class Runtime:
                 yield prepared
                 return
             request = prepared
+        started = time.monotonic()
         try:
             async with self.client.stream(request) as response:
+                if self.observer is not None:
+                    self.observer(target.ref, response.status, time.monotonic() - started)
                 for extension in extensions:
                     await extension.observe(self, target, request, response, context)
                 yield response

@@ -80,11 +80,14 @@ class Guard:
         allowed_hosts: Sequence[str],
         auth: InboundAuth | None = None,
         resource: str = "/",
+        public: Sequence[str] = (),
     ) -> None:
+        """`public` paths need no authentication (health probes, the index): they show nothing secret."""
         self.app = app
         self.allowed_hosts = tuple(allowed_hosts)
         self.auth = auth
         self.resource = resource
+        self.public = frozenset(public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,7 +106,8 @@ class Guard:
         if path == METADATA_PATH or path.startswith(METADATA_PATH + "/"):
             await self._metadata(scope, host, send)
             return
-        if self.auth is not None and not self.auth.accepts(headers, scope.get("query_string", b"").decode("latin-1")):
+        query = scope.get("query_string", b"").decode("latin-1")
+        if self.auth is not None and path not in self.public and not self.auth.accepts(headers, query):
             metadata = f"{_scheme(scope)}://{host}{METADATA_PATH}{self.resource.rstrip('/')}"
             challenge = self.auth.challenge(metadata)
             await _json(send, 401, {"error": "authentication required"}, [("www-authenticate", challenge)])

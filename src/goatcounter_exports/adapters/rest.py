@@ -8,17 +8,18 @@ download). Errors are mapped to a JSON body and a status here, once.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
 
 from ..errors import ApiError, GoatcounterExportsError, InputError, UpstreamError, http_status
 from ..runtime import CallContext, Runtime
@@ -208,6 +209,7 @@ def create_rest_app(
     hooks: Mapping[str, RestHooks] | None = None,
     openapi_hooks: Mapping[str, OpenApiHooks] | None = None,
     max_body_bytes: int = 64 * 1024,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The ASGI app for one REST expose (the first one when `namespace` is None). Hooks are keyed by the
     consumed namespace whose routes they know."""
@@ -215,7 +217,7 @@ def create_rest_app(
     exposes = runtime.spec.rest_exposes
     expose = next((e for e in exposes if namespace in (None, e.namespace)), None)
     bindings = runtime.bindings("rest", expose.namespace) if expose else []
-    routes = []
+    routes: list[BaseRoute] = []
     for binding in bindings:
         handle = endpoint(runtime, binding, hooks.get(binding.target.consumes.namespace), max_body_bytes)
         routes.append(Route(binding.path, handle, methods=[binding.method], name=binding.name))
@@ -224,5 +226,38 @@ def create_rest_app(
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
 
+    async def index(request: Request) -> Response:
+        return HTMLResponse(index_page(document, bindings))
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE)
+
     routes.append(Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False))
+    routes.append(Route("/", index, methods=["GET"], include_in_schema=False))
+    routes.append(Route("/docs", docs, methods=["GET"], include_in_schema=False))
+    routes.extend(extra_routes)
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def index_page(document: dict[str, Any], bindings: Sequence[Binding]) -> str:
+    """The root: what this is, its routes, and where the machine-readable and interactive docs are."""
+    title = html.escape(str(document["info"]["title"]))
+    items = "".join(
+        f"<li><code>{html.escape(b.method)} {html.escape(b.path)}</code> {html.escape(b.description)}</li>"
+        for b in bindings
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title></head><body>"
+        f"<h1>{title}</h1><ul>{items}</ul>"
+        '<p><a href="/openapi.json">OpenAPI document</a> &middot; <a href="/docs">interactive docs</a> &middot; '
+        '<a href="/healthz">health</a> &middot; <a href="/readyz">readiness</a> &middot; '
+        '<a href="/metrics">metrics</a></p></body></html>'
+    )
+
+
+# Swagger UI, from its CDN: the page needs the network in the browser, never on the server.
+DOCS_PAGE = """<!doctype html><html><head><meta charset=utf-8><title>API docs</title>
+<link rel=stylesheet href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id=ui></div><script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"})</script>
+<noscript>See <a href="/openapi.json">/openapi.json</a>.</noscript></body></html>"""

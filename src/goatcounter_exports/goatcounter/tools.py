@@ -185,6 +185,26 @@ STATS_OUTPUT: dict[str, Any] = {
 }
 
 
+DESCRIPTIONS = {
+    "create": "Start an export of this GoatCounter site's data; GoatCounter writes it in the background. "
+    "CSV (the default): the individual pageviews with a hit id after start_from_hit_id, which is exclusive: pass "
+    "the last_hit_id of the previous export to get only what is new, or 0 for everything. A site keeps individual "
+    "pageviews only when its Individual pageviews setting is on; otherwise the CSV is empty (the result says so). "
+    "format json (GoatCounter newer than v2.7.0, as goatcounter.com): the statistics the dashboard shows, from "
+    "start_from_day (RFC 3339, UTC midnight) when given. Budget: GoatCounter allows one export an hour, and even a "
+    "refused request spends it; while it is spent this answers 429 with recent_export_id, an export to reuse. "
+    "Then call get-export-info until it is finished, and read it with download-export.",
+    "get": "The state of an export: running, finished or failed, with num_rows, size, hash, and last_hit_id (the "
+    "start_from_hit_id of the next incremental CSV export). While it runs, ask again every few seconds: reading "
+    "exports never spends the hourly export budget.",
+    "download": "Read a finished export one page at a time: rows offset to offset+limit (at most 1000) as an "
+    "embedded text/csv resource, with total_rows, has_more and next_offset for the next page. The file is "
+    "downloaded once, its SHA-256 checked against the export's hash (a mismatch is an error), and kept for the "
+    "pages that follow. A JSON export is a ZIP of tables: choose one with table (default hit_stats: visitors per "
+    "hour, path and referrer); the result lists every table with its row count.",
+}
+
+
 def csv_resource(export_id: int, offset: int, columns: list[str], rows: list[list[str]]) -> EmbeddedText:
     """Rows of an export as an embedded text/csv resource, header first."""
     buffer = io.StringIO()
@@ -279,12 +299,15 @@ class GoatCounterTools:
 
     def _shaped(self, binding: Binding) -> Tool:
         schema = binding_arguments(self.runtime, binding)
-        download = export_shape(binding.target) == "download"
+        shape = export_shape(binding.target)
+        download = shape == "download"
         if download:
             schema["properties"] = {**schema["properties"], **PAGE_ARGUMENTS}
+        # The body's fields are arguments of their own: offering `body` too would show every input twice.
+        schema["properties"] = {k: v for k, v in schema["properties"].items() if k != "body"}
         return Tool(
             name=binding.name,
-            description=binding.description or binding.target.operation.description,
+            description=DESCRIPTIONS[shape] if shape else binding.description,
             input_schema=schema,
             output_schema=PAGE_OUTPUT if download else EXPORT_OBJECT_OUTPUT,
             title=binding.description or None,

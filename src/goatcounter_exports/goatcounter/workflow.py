@@ -33,6 +33,12 @@ SLOW_AFTER = 120.0
 SLOW_POLL = 30.0
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
 def next_poll(delay: float, waited: float) -> float:
     """The pause before the next look at a running export: growing to MAX_POLL, then to SLOW_POLL."""
     return min(delay * 1.6, MAX_POLL if waited < SLOW_AFTER else SLOW_POLL)
@@ -108,10 +114,19 @@ class ExportJob:
                 delay = max(delay, exc.retry_after or MAX_POLL)
 
 
+# GoatCounter writes an export of no pageviews as an empty file; an empty CSV still has its header.
+CSV_V2_HEADER = (
+    b"2Path,Title,Event,UserAgent,Browser,System,Session,Bot,Referrer,Referrer scheme,Screen size,Location,"
+    b"FirstVisit,Date\n"
+)
+
+
 async def write_atomically(file: ExportFile, destination: Path, *, decompress: bool) -> int:
     """Write to a temporary file beside `destination`, then rename: a failure leaves nothing behind.
 
-    With `decompress`, the CSV is inflated on the way (its version checked). Returns the bytes written.
+    With `decompress`, the CSV is inflated on the way (its version checked), and an export of no rows
+    is written as its header alone. The file gets the mode any new file would (0666 less the umask).
+    Returns the bytes written.
     """
     destination = destination.resolve()
     try:
@@ -125,8 +140,11 @@ async def write_atomically(file: ExportFile, destination: Path, *, decompress: b
             async for piece in data:
                 out.write(piece)
                 written += len(piece)
+            if decompress and written == 0:
+                written = out.write(CSV_V2_HEADER)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, destination)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
