@@ -188,7 +188,8 @@ def test_readme_mcp_configurations_work_as_written(goatcounter: LocalGoatCounter
 
 
 @pytest.mark.parametrize(
-    "command", [[name, "--help"] for name in ("serve", "mcp", "demo", "lint", "export", "sync", "doctor", "config")]
+    "command",
+    [[name, "--help"] for name in ("serve", "mcp", "demo", "lint", "export", "sync", "doctor", "config", "browse")],
 )
 def test_every_command_is_documented_in_the_readme(command: list[str]) -> None:
     run = run_cli(command)

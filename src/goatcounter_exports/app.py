@@ -41,7 +41,8 @@ from .goatcounter.openapi import GoatCounterOpenApi
 from .goatcounter.profile import GoatCounterProfile, is_goatcounter, site_api_url
 from .goatcounter.rest import GoatCounterRest
 from .goatcounter.site import SiteProbe
-from .goatcounter.store import STATE_FILE, StateStore
+from .goatcounter.store import STATE_FILE, StateStore, Store
+from .goatcounter.store_postgres import PostgresStateStore
 from .goatcounter.tools import GoatCounterTools
 from .goatcounter.versions import CreateBodyStyle
 from .goatcounter.workflow import ExportJob
@@ -87,7 +88,7 @@ class GoatCounterParts:
     namespace: str
     reader: ExportReader
     openapi: GoatCounterOpenApi
-    store: StateStore
+    store: Store
     create_body: CreateBodyStyle
     site: SiteProbe
 
@@ -104,7 +105,7 @@ class App:
     spec: Spec
     settings: Settings
     runtime: Runtime
-    store: StateStore
+    store: Store
     metrics: Metrics
     goatcounter: dict[str, GoatCounterParts] = field(default_factory=dict)
 
@@ -116,7 +117,7 @@ class App:
         try:
             await self.runtime.__aexit__(*exc)
         finally:
-            self.store.close()
+            await self.store.close()
 
     # -- adapters --------------------------------------------------------------------------
 
@@ -332,7 +333,9 @@ def base_uris(spec: Spec, settings: Settings) -> dict[str, str]:
 def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None = None) -> App:
     """Every piece, built once. Raises ConfigError for a bound variable that is missing or unusable."""
     client = client or UpstreamClient(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
-    store = StateStore(settings.state_dir / STATE_FILE)
+    store: Store = (
+        PostgresStateStore(settings.state_url) if settings.state_url else StateStore(settings.state_dir / STATE_FILE)
+    )
     metrics = Metrics()
     metrics.registry.register(StateCollector(settings.state_dir / STATE_FILE, settings.database))
     gc_namespaces = [c.namespace for c in spec.capability.consumes if is_goatcounter(c)]

@@ -16,6 +16,7 @@ from . import __version__
 from .adapters.ops import configure_logging
 from .app import App, build_app
 from .app import check_ports as ports_free
+from .browse import run_browse
 from .demo import run_demo
 from .doctor import checks
 from .errors import (
@@ -140,6 +141,12 @@ log_options = (
     click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON objects."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Least severe shown."),
 )
+state_option = click.option(
+    "--state",
+    "state_url",
+    metavar="URL",
+    help="A PostgreSQL state store shared by replicas (postgresql://...; default: SQLite in the state directory).",
+)
 timeout_option = click.option(
     "--timeout", type=click.FloatRange(0.1), default=600, show_default=True, help="Seconds to wait for the export."
 )
@@ -203,8 +210,10 @@ def main(config_file: Path | None) -> None:
     is_flag=True,
     help="Serve a non-loopback --host without authentication (only behind something that authenticates).",
 )
+@state_option
 @with_logs
 def serve(
+    state_url: str | None,
     spec_path: str | None,
     upstream: tuple[str, ...],
     host: str | None,
@@ -228,6 +237,7 @@ def serve(
         insecure_no_auth=insecure_no_auth or None,
         log_format=log_format,
         log_level=log_level,
+        state_url=state_url,
     )
 
     async def preflight() -> None:
@@ -335,9 +345,10 @@ def lint(spec_file: str | None, schema: str | None) -> None:
 @spec_option
 @upstream_option
 @click.option("--stdio", is_flag=True, default=True, hidden=True, help="Serve MCP over stdin/stdout (the default).")
-def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool) -> None:
+@state_option
+def mcp(spec_path: str | None, upstream: tuple[str, ...], stdio: bool, state_url: str | None) -> None:
     """Serve the MCP tools over stdio, for desktop clients and IDEs that launch a command."""
-    app = make_app(spec_path, upstream_urls=parse_upstreams(upstream))
+    app = make_app(spec_path, upstream_urls=parse_upstreams(upstream), state_url=state_url)
     run_async(app.serve_stdio)
 
 
@@ -401,7 +412,9 @@ def demo(
 @click.option("--since-day", type=click.DateTime(["%Y-%m-%d"]), help="JSON: only statistics from this day (UTC) on.")
 @click.option("--gzip", "keep_gzip", is_flag=True, help="CSV: keep GoatCounter's .csv.gz as it is.")
 @timeout_option
+@state_option
 def export(
+    state_url: str | None,
     spec_path: str | None,
     output: Path | None,
     export_format: Format,
@@ -420,7 +433,7 @@ def export(
     if export_format == "csv" and since_day is not None:
         fail("--since-day is for JSON exports (--format json)")
     request = ExportRequest(export_format, since_hit_id, since_day.date() if since_day else None)
-    app = make_app(spec_path)
+    app = make_app(spec_path, state_url=state_url)
     report = reporter()
     job = guarded(lambda: app.export_job(report))
 
@@ -473,9 +486,17 @@ def export(
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success but notes to act on (for cron).")
 @timeout_option
-def sync(spec_path: str | None, database: Path | None, export_format: str, quiet: bool, timeout: float) -> None:
+@state_option
+def sync(
+    spec_path: str | None,
+    database: Path | None,
+    export_format: str,
+    quiet: bool,
+    timeout: float,
+    state_url: str | None,
+) -> None:
     """Copy new data into a local SQLite database; run again and again, e.g. from cron."""
-    app = make_app(spec_path, database_path=database)
+    app = make_app(spec_path, database_path=database, state_url=state_url)
     report = reporter(quiet=quiet)
     job = guarded(lambda: app.export_job(report))
     target = app.settings.database
@@ -499,3 +520,20 @@ def sync(spec_path: str | None, database: Path | None, export_format: str, quiet
             click.echo(f"note: {result.note}", err=True)
 
     run_async(run)
+
+
+@main.command(
+    epilog=epilog(
+        "  goatcounter-exports browse\n  goatcounter-exports browse --db site.sqlite3 --port 0 --no-open",
+        "database_path",
+        "state_dir",
+    )
+)
+@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="The synced database.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no login: keep loopback).")
+@click.option("--port", type=int, default=8001, show_default=True, help="Port (0: any free).")
+@click.option("--no-open", is_flag=True, help="Do not open a web browser.")
+def browse(database: Path | None, host: str, port: int, no_open: bool) -> None:
+    """Look at the synced copy in Datasette (the `browse` extra): top pages, referrers, ..., a daily chart."""
+    settings = make_settings(load_spec(None), database_path=database)
+    guarded(lambda: run_browse(settings.database, host=host, port=port, open_browser=not no_open))

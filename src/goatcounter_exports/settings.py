@@ -104,6 +104,12 @@ def _choice(*allowed: str) -> Callable[[Any, str], str]:
     return parse
 
 
+def _postgres_url(value: Any, source: str) -> str:
+    if urlsplit(str(value)).scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"{source} must be a postgresql:// URL, got a {urlsplit(str(value)).scheme or 'plain'} value")
+    return str(value)
+
+
 def _text(value: Any, source: str) -> str:
     return str(value)
 
@@ -140,6 +146,9 @@ OPTIONS: tuple[Option, ...] = (
            "GOATCOUNTER_EXPORTS_READ_TIMEOUT", "read_timeout"),
     Option("state_dir", "where the state store (export budget, idempotency keys) and verified copies live",
            "~/.local/state/goatcounter-exports", _path, None, "GOATCOUNTER_EXPORTS_STATE_DIR", "state_dir"),
+    Option("state_url", "a PostgreSQL state store shared by replicas (postgresql://...); a password is better in "
+           "PGPASSWORD or ~/.pgpass", "(none: SQLite in the state directory)", _postgres_url, "--state",
+           "GOATCOUNTER_EXPORTS_STATE_URL", "state"),
     Option("database_path", "the synced database", "pageviews.sqlite3 in the state directory", _path, "--db",
            "GOATCOUNTER_EXPORTS_DB", "database"),
     Option("cache_dir", "where scripts/install-goatcounter puts GoatCounter (for `demo`)",
@@ -198,6 +207,7 @@ class Settings:
     cache_dir: Path = Path(".")
     crash_at: str | None = None  # tests only: where `sync` kills itself
     auth_token: str | None = field(default=None, repr=False)  # what REST and MCP clients must present
+    state_url: str | None = field(default=None, repr=False)  # a PostgreSQL state store (may hold a password)
     insecure_no_auth: bool = False  # serve a non-loopback address without inbound authentication
     log_format: str = "text"
     log_level: str = "warning"
@@ -269,6 +279,9 @@ class Settings:
                 value = self.database
             if option.name == "auth_token" and value:
                 value = f"(set, {len(value)} characters)"
+            if option.name == "state_url" and value:
+                parts = urlsplit(value)
+                value = value.replace(f":{parts.password}@", ":***@") if parts.password else value
             shown = option.default if value is None or value == () else str(value)
             source = self.sources.get(option.name, "default")
             rows.append((option.variable or option.flag or option.name, shown, source))

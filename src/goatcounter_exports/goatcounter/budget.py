@@ -10,6 +10,7 @@ the export it first created instead of making a second one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ from ..runtime import CallContext, Runtime
 from ..spec.resolve import Target
 from ..upstream import NOT_JSON, UpstreamRequest, UpstreamResponse, parse_json
 from .exports import Export, ExportOps, request_key
-from .store import RECENT_EXPORT_SECONDS, StateStore, budget_host
+from .store import RECENT_EXPORT_SECONDS, Budget, Store, budget_host
 
 
 def _int(value: str | None) -> int | None:
@@ -32,6 +33,8 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+SLOT_WAIT_SECONDS = 50.0  # how long a create waits for another process's create to be answered
+SLOT_POLL_SECONDS = 0.2
 IN_FLIGHT_SECONDS = 45.0  # an Idempotency-Key reserved this recently may still be on its way: 409
 PROBES = 5  # export ids looked at to settle a create that got no answer
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ LONG_WAIT = 60  # seconds: a Retry-After this long on a read is an hourly budget
 
 
 class ExportBudget:
-    def __init__(self, store: StateStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
 
@@ -76,16 +79,29 @@ class ExportBudget:
             if export_id is not None:
                 current = await self._current(runtime, target, export_id)
                 return UpstreamResponse.local(202, current, {"Idempotent-Replayed": "true"}, host)
-        spent = await self._spent(api_uri)
-        if spent is not None and key:
+        refused = await self._take_slot(api_uri)
+        if refused is not None and key:
             await self.store.settle(api_uri, key, None)
-        return spent
+        return refused
 
-    async def _spent(self, api_uri: str) -> UpstreamResponse | None:
-        now = self.clock()
-        budget = await self.store.budget(api_uri)
-        if budget is None or not budget.exhausted(now):
+    async def _take_slot(self, api_uri: str) -> UpstreamResponse | None:
+        """The host's create slot, taken (None: send the create); else the answer to give. While another
+        process's create is on its way (the slot is busy), wait for its answer: the budget it learns decides."""
+        deadline = time.monotonic() + SLOT_WAIT_SECONDS
+        slot = await self.store.take_create_slot(api_uri, IN_FLIGHT_SECONDS, self.clock())
+        while slot.state == "busy" and time.monotonic() < deadline:
+            await asyncio.sleep(SLOT_POLL_SECONDS)
+            slot = await self.store.take_create_slot(api_uri, IN_FLIGHT_SECONDS, self.clock())
+        if slot.state == "go":
             return None
+        if slot.state == "busy":
+            message = "another process's export of this host is on its way; ask again in a moment"
+            return UpstreamResponse.local(429, {"error": message}, {"Retry-After": "2"}, target_host(api_uri))
+        assert slot.budget is not None
+        return await self._spent(api_uri, slot.budget)
+
+    async def _spent(self, api_uri: str, budget: Budget) -> UpstreamResponse:
+        now = self.clock()
         wait = budget.retry_after(now)
         recent = await self.store.latest_export(api_uri, since=now - RECENT_EXPORT_SECONDS)
         document: dict[str, Any] = {
@@ -106,6 +122,7 @@ class ExportBudget:
         must not lose the export GoatCounter made (and charged for): the caller still gets it."""
         try:
             await self._record(api_uri, request, response, context)
+            await self.store.free_create_slot(api_uri)
         except StateError as exc:
             log.warning("export created, but not recorded in the state store: %s", exc)
 
@@ -128,9 +145,10 @@ class ExportBudget:
             await self.store.settle(api_uri, context.idempotency_key, export_id if isinstance(export_id, int) else None)
 
     async def create_refused(self, api_uri: str, context: CallContext) -> None:
-        """The create was refused before it was sent: its Idempotency-Key is free again."""
+        """The create was refused before it was sent: its Idempotency-Key and the create slot are free again."""
         if context.idempotency_key:
             await self.store.settle(api_uri, context.idempotency_key, None)
+        await self.store.free_create_slot(api_uri)
 
     async def create_failed(self, api_uri: str, error: GoatcounterExportsError, context: CallContext) -> None:
         """No answer to a create: after a timeout GoatCounter may have made the export, so a retry with the
@@ -138,6 +156,7 @@ class ExportBudget:
         if context.idempotency_key:
             unknown = isinstance(error, UpstreamTimeout | UpstreamProtocolError)  # sent, perhaps done
             await self.store.settle(api_uri, context.idempotency_key, None, unknown=unknown)
+        await self.store.free_create_slot(api_uri)  # the budget stays counted down: a sent POST spends it
 
     async def _find(
         self, runtime: Runtime, target: Target, api_uri: str, body: dict[str, Any], since: float

@@ -1,4 +1,5 @@
-"""The REST adapter's OpenAPI hooks for GoatCounter: the answers its export operations really give."""
+"""The REST adapter's OpenAPI hooks for GoatCounter: what its export operations do and the answers they really
+give."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from .exports import export_shape
 
 
 class GoatCounterOpenApi:
+    def description(self, binding: Binding) -> str | None:
+        shape = export_shape(binding.target)
+        return DESCRIPTIONS[shape] if shape is not None else None
+
     def responses(self, binding: Binding) -> dict[str, Any] | None:
         return responses(binding)
 
@@ -37,6 +42,27 @@ EXPORT_SCHEMA: dict[str, Any] = {
         "hash": {"type": ["string", "null"], "description": "SHA-256 of the gzip file."},
         "error": {"type": ["string", "null"], "description": "Set when the export failed."},
     },
+}
+DESCRIPTIONS = {
+    "create": (
+        "Starts an export of the site's data; then get the export until its `finished_at` is set. The body is "
+        "GoatCounter's: "
+        '`{"start_from_hit_id": N}` for the CSV pageviews after hit N (the previous export\'s `last_hit_id`), or '
+        '`{"format": "json", "start_from_day": "2026-11-20T00:00:00Z"}` for the statistics, on GoatCounter newer '
+        "than v2.7.0; `format` is added or left out to suit the server. Bad input is refused here, never sent. "
+        "GoatCounter allows one export an hour: while that budget is spent, the answer is a local 429 with "
+        "`Retry-After` and `recent_export_id`. Send `Idempotency-Key` to make a retry return the same export."
+    ),
+    "get": (
+        "The export's status: `finished_at` is null while it runs, `error` is set when it failed, and a finished "
+        "export has `num_rows`, `hash` (its file's SHA-256) and `last_hit_id` (where the next CSV export starts)."
+    ),
+    "download": (
+        "The export's file, streamed as GoatCounter wrote it, its SHA-256 checked against the export's `hash` as it "
+        "goes (a mismatch cuts the stream short). `202` while the export runs; with `Accept: text/csv`, the CSV "
+        "decompressed. A JSON export is a ZIP (`application/zip`, and `406` for `text/csv`). GoatCounter keeps "
+        "files 24 hours: `410` after that."
+    ),
 }
 ERROR_REF = "#/components/schemas/Error"
 EXPORT_REF = "#/components/schemas/Export"

@@ -22,7 +22,7 @@ from ..progress import Progress, no_progress
 from .exportfile import ExportFile, ExportReader
 from .exports import Export, ExportRequest, Format
 from .site import SiteProbe, empty_csv_note, pageviews_off
-from .store import RECENT_EXPORT_SECONDS, StateStore
+from .store import RECENT_EXPORT_SECONDS, Store
 from .versions import CreateBodyStyle
 
 FIRST_POLL = 0.25
@@ -47,7 +47,7 @@ def next_poll(delay: float, waited: float) -> float:
 @dataclass
 class ExportJob:
     reader: ExportReader
-    store: StateStore | None
+    store: Store | None
     create_body: CreateBodyStyle
     site: SiteProbe
     progress: Progress = no_progress
