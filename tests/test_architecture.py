@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"app", "server", "settings", "spec", "testbed"},
     "doctor": {"app", "errors", "goatcounter", "upstream"},
     "browse": {"errors", "goatcounter", "server", "settings"},
+    "sites": {"app", "errors", "goatcounter", "progress", "settings", "spec"},
     "cli": {
         "__init__",
         "adapters",
@@ -45,6 +46,7 @@ ALLOWED: dict[str, set[str]] = {
         "goatcounter",
         "progress",
         "settings",
+        "sites",
         "spec",
     },
 }

@@ -261,3 +261,31 @@ def test_two_sites_share_one_database_and_never_mix(tmp_path: Path) -> None:
     assert first["rows"] == [{"value": "/shared", "pageviews": 3}, {"value": "/one", "pageviews": 1}]
     assert second["rows"] == [{"value": "/shared", "pageviews": 5}]
     assert first["total_pageviews"] == 4 and second["total_pageviews"] == 5
+
+
+def test_sync_all_puts_every_site_in_one_database_scoped_and_a_failing_site_fails_alone(tmp_path: Path) -> None:
+    with LocalGoatCounter(goatcounter_binary(), tmp_path / "gc", extra_vhosts=["localhost"]) as gc:
+        one, two = gc.sites
+        gc.seed(["/one-a", "/one-b", "/one-a"], site=one)
+        gc.seed(["/two"] * 4, site=two)
+        config = tmp_path / "sites.toml"
+        config.write_text(
+            f'[[sites]]\nname = "one"\nurl = "{one.url}"\nkey_env = "KEY_ONE"\n\n'
+            f'[[sites]]\nname = "two"\nurl = "{two.url}"\nkey_env = "KEY_TWO"\n\n'
+            f'[[sites]]\nname = "broken"\nurl = "{one.url}"\nkey_env = "KEY_BROKEN"\n'
+        )
+        database = tmp_path / "all.sqlite3"
+        env = service_env(gc, tmp_path / "state", GOATCOUNTER_EXPORTS_DB=str(database))
+        env.update(KEY_ONE=one.export_key, KEY_TWO=two.export_key, KEY_BROKEN="not-a-key-of-any-site")
+        run = run_cli(["--config", str(config), "sync", "--all"], env)
+        again = run_cli(["--config", str(config), "sync", "--all"], env)
+    assert run.returncode == 4, run.stdout + run.stderr  # the one failure's exit code
+    lines = {line.split(":", 1)[0]: line for line in (run.stdout + run.stderr).splitlines()}
+    assert set(lines) == {"one", "two", "broken"}
+    assert "FAILED" in lines["broken"] and "401" in lines["broken"]
+    assert "Synced 3 pageviews" in lines["one"] and "Synced 4 pageviews" in lines["two"]
+    assert "Synced 0 pageviews" in again.stdout
+    with sqlite3.connect(database) as db:
+        per_site = dict(db.execute("select site, count(*) from pageviews group by site"))
+    assert per_site == {one.url: 3, two.url: 4}
+    assert "not-a-key-of-any-site" not in run.stdout + run.stderr

@@ -37,6 +37,7 @@ from .goatcounter.warehouse import SqliteWarehouse, remove_empty
 from .goatcounter.workflow import write_atomically
 from .progress import reporter
 from .settings import BY_NAME, CONFIG_VARIABLE, Settings, check_url, default_config_file
+from .sites import SiteOutcome, overall_exit_code, sync_all
 from .spec import Spec, load_default, load_path
 from .spec.lint import lint_text, load_schema
 from .spec.loader import default_spec_text
@@ -485,6 +486,12 @@ def export(
     help="csv: individual pageviews; json: the dashboard's statistics; auto: json where GoatCounter has it.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success but notes to act on (for cron).")
+@click.option(
+    "--all",
+    "all_sites",
+    is_flag=True,
+    help="Sync every site of the config file's [[sites]] (url, key_env) into the same database; a line for each.",
+)
 @timeout_option
 @state_option
 def sync(
@@ -492,16 +499,20 @@ def sync(
     database: Path | None,
     export_format: str,
     quiet: bool,
+    all_sites: bool,
     timeout: float,
     state_url: str | None,
 ) -> None:
     """Copy new data into a local SQLite database; run again and again, e.g. from cron."""
+    wanted: Format | None = None if export_format == "auto" else export_format  # type: ignore[assignment]
+    if all_sites:
+        sync_every_site(spec_path, database, wanted, quiet, timeout, state_url)
+        return
     app = make_app(spec_path, database_path=database, state_url=state_url)
     report = reporter(quiet=quiet)
     job = guarded(lambda: app.export_job(report))
     target = app.settings.database
     existed = target.exists()
-    wanted: Format | None = None if export_format == "auto" else export_format  # type: ignore[assignment]
 
     async def run() -> None:
         warehouse = SqliteWarehouse(target)
@@ -520,6 +531,30 @@ def sync(
             click.echo(f"note: {result.note}", err=True)
 
     run_async(run)
+
+
+def sync_every_site(
+    spec_path: str | None, database: Path | None, wanted: Format | None, quiet: bool, timeout: float, state: str | None
+) -> None:
+    spec = load_spec(spec_path)
+    settings = make_settings(spec, database_path=database, state_url=state)
+    if not settings.sites:
+        fail("--all needs sites in the config file: [[sites]] with url and key_env (see docs/scaling.md)")
+    target = settings.database
+    outcomes: list[SiteOutcome] = []
+
+    async def run() -> None:
+        warehouse = SqliteWarehouse(target)
+        try:
+            outcomes.extend(await sync_all(spec, settings, warehouse, export_format=wanted, wait_seconds=timeout))
+        finally:
+            warehouse.close()
+
+    run_async(run)
+    for outcome in outcomes:
+        if outcome.exit_code or not quiet:
+            click.echo(outcome.line, err=bool(outcome.exit_code))
+    sys.exit(overall_exit_code(outcomes))
 
 
 @main.command(

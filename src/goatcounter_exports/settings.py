@@ -164,10 +164,22 @@ BY_NAME = {option.name: option for option in OPTIONS}
 CONFIG_KEYS = {option.key: option for option in OPTIONS if option.key}
 
 
-def load_config_file(path: Path, *, required: bool) -> dict[str, Any]:
-    """The config file's settings by field name; {} when there is none and none was asked for."""
+SECRET_KEYS = ("api_key", "key", "token", "auth_token", "password")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site of the config file's `[[sites]]`, for `sync --all`: its URL, and the variable holding its key."""
+
+    name: str
+    url: str
+    key_variable: str
+
+
+def read_config_file(path: Path, *, required: bool) -> dict[str, Any]:
+    """The config file as TOML data; {} when there is none and none was asked for."""
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        return tomllib.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         if required:
             raise ConfigError(f"the config file {path} does not exist") from None
@@ -176,12 +188,50 @@ def load_config_file(path: Path, *, required: bool) -> dict[str, Any]:
         raise ConfigError(f"the config file {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from None
+
+
+def parse_sites(data: Mapping[str, Any], path: Path) -> tuple[Site, ...]:
+    """`[[sites]]` entries: `url`, `key_env` (the variable that holds the key: keys are never in the file), and
+    an optional `name` (default: the URL's host)."""
+    entries = data.get("sites", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: sites must be a list of tables ([[sites]])")
+    sites = []
+    for index, entry in enumerate(entries, 1):
+        where = f"{path}: sites #{index}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        secret = next((k for k in entry if k in SECRET_KEYS), None)
+        if secret:
+            raise ConfigError(
+                f"{where}: {secret!r} is a secret and is never read from a file; name its variable in key_env"
+            )
+        unknown = set(entry) - {"name", "url", "key_env"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} (known: name, url, key_env)")
+        if "url" not in entry or "key_env" not in entry:
+            raise ConfigError(f"{where} needs url and key_env (the variable that holds its key)")
+        url = check_url(str(entry["url"]), f"{where} url")
+        variable = str(entry["key_env"])
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+            raise ConfigError(f"{where}: key_env must name an environment variable, got {variable!r}")
+        sites.append(Site(str(entry.get("name") or urlsplit(url).netloc), url, variable))
+    names = [site.name for site in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: two sites have the same name; give them names of their own")
+    return tuple(sites)
+
+
+def load_config_file(path: Path, *, required: bool) -> dict[str, Any]:
+    """The config file's settings by field name (its `[[sites]]` under "sites"); {} when there is none."""
+    data = read_config_file(path, required=required)
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("api_key", "key", "token", "auth_token", "password"):
+        if key in SECRET_KEYS:
             raise ConfigError(f"{path}: {key!r} is a secret and is never read from a file; use its variable")
         if key == "sites":
-            continue  # several sites, for `sync --all`: read by their own loader
+            values["sites"] = parse_sites(data, path)
+            continue
         if key not in CONFIG_KEYS:
             known = ", ".join(sorted(CONFIG_KEYS))
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
@@ -211,6 +261,8 @@ class Settings:
     insecure_no_auth: bool = False  # serve a non-loopback address without inbound authentication
     log_format: str = "text"
     log_level: str = "warning"
+    sites: tuple[Site, ...] = ()  # the config file's [[sites]], for `sync --all`
+    site_keys: Mapping[str, str] = field(default_factory=dict, repr=False)  # site name -> its key, if set
     config_file: Path | None = None  # the config file read, if any
     sources: Mapping[str, Source] = field(default_factory=dict, compare=False)  # where each setting came from
 
@@ -247,6 +299,7 @@ class Settings:
         sources: dict[str, Source] = {option.name: "default" for option in OPTIONS}
         for name, value in from_file.items():
             values[name], sources[name] = value, "config file"
+        values["site_keys"] = {s.name: env[s.key_variable] for s in values.get("sites", ()) if env.get(s.key_variable)}
         for option in OPTIONS:
             if option.variable and env.get(option.variable):
                 values[option.name] = option.parse(env[option.variable], option.variable)
