@@ -239,15 +239,7 @@ def test_resets_that_persist_are_a_502_naming_the_host(site: Site, proxy: FaultP
     "toxic",
     [
         "close_responses",
-        pytest.param(
-            "reset_responses",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG upstream.py: a reset read (aiohttp ClientOSError, ECONNRESET before any answer byte) "
-                "is translated by _Translate to UpstreamProtocolError, which UpstreamClient._send never retries; "
-                "the same lost answer as a close (ServerDisconnectedError -> UpstreamUnreachable) is retried",
-            ),
-        ),
+        "reset_responses",
     ],
 )
 def test_a_read_whose_answer_is_lost_twice_is_asked_again(
@@ -293,15 +285,7 @@ def test_the_export_command_never_sends_a_create_twice(site: Site, proxy: FaultP
     "toxic",
     [
         "reset_responses",
-        pytest.param(
-            "close_responses",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG goatcounter/budget.py ExportBudget.create_failed: a create whose connection closed "
-                "after it was sent (ServerDisconnectedError, translated to UpstreamUnreachable) frees the "
-                "Idempotency-Key as if nothing had been sent; the retry creates a second export",
-            ),
-        ),
+        "close_responses",
     ],
 )
 def test_a_retry_with_the_same_idempotency_key_finds_the_export_a_lost_answer_made(

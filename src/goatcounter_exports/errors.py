@@ -92,6 +92,10 @@ class UpstreamUnreachable(UpstreamError):
     pass
 
 
+class UpstreamDisconnected(UpstreamUnreachable):
+    """The connection closed or was reset before an answer: the request may have been sent and acted on."""
+
+
 class UpstreamTimeout(UpstreamError):
     http_status = 504
 

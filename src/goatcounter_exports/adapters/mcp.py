@@ -44,9 +44,12 @@ class ToolSet:
             return ToolResult(f"Unknown tool {name!r}. Available: {', '.join(self.providers)}.", is_error=True)
         try:
             self.validators[name].check(arguments)
-            return await provider.call(name, arguments, progress)
         except InputError as exc:
             return ToolResult(f"Invalid arguments: {exc}. Nothing was sent to the upstream.", is_error=True)
+        try:
+            return await provider.call(name, arguments, progress)
+        except InputError as exc:  # the provider may have read from the upstream first: claim nothing about it
+            return ToolResult(f"Invalid arguments: {exc}.", is_error=True)
         except GoatcounterExportsError as exc:
             if not isinstance(exc, ApiError):
                 log.warning("tool %s failed: %s", name, exc)

@@ -51,6 +51,11 @@ LOCAL_RESPONSES: dict[str, Any] = {
     "502": error_response("Upstream unreachable or answered unusably. Names the upstream host."),
     "504": error_response("Upstream did not answer in time."),
 }
+# Methods whose request must say it is JSON (`Content-Type: application/json`), even with no body: the REST
+# adapter refuses anything else with 415, because a form or text POST is what another site's page can send
+# without a CORS preflight.
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+NOT_JSON = error_response("The request did not say `Content-Type: application/json` (required even with no body).")
 
 
 def generic_description(binding: Binding) -> str:
@@ -89,6 +94,8 @@ def operation(runtime: Runtime, binding: Binding, hooks: Mapping[str, OpenApiHoo
         "200": {"description": "Upstream answer, mapped by the operation's outputParameters."},
         **LOCAL_RESPONSES,
     }
+    if binding.method.upper() in BODY_METHODS:
+        responses["415"] = NOT_JSON
     hook = hooks.get(binding.target.consumes.namespace)
     if hook is not None:
         responses.update(hook.responses(binding) or {})

@@ -25,7 +25,7 @@ from ..errors import ApiError, GoatcounterExportsError, InputError, UpstreamErro
 from ..runtime import CallContext, Runtime
 from ..spec.resolve import Binding
 from ..upstream import NOT_JSON, UpstreamResponse, parse_json
-from .openapi import OpenApiHooks, openapi_document
+from .openapi import BODY_METHODS, OpenApiHooks, openapi_document
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ class RestHooks(Protocol):
         """A passed-through JSON answer as clients should see it (fields dropped, a note added as a header)."""
 
 
-BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 PASSTHROUGH_HEADERS = (
     "Retry-After",
     "X-Rate-Limit-Limit",
@@ -74,11 +73,14 @@ async def read_json_body(request: Request, limit: int) -> Any:
     if not body.strip():
         return None
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except ValueError:
         raise InputError("request body is not valid JSON", field="body") from None
     except RecursionError:
         raise InputError("request body nests too deeply", field="body") from None
+    if value is None:  # `null` is a body, and not an object: never mistaken for no body (which may be allowed)
+        raise InputError("request body is `null`; send a JSON object, or no body", field="body")
+    return value
 
 
 def passthrough_headers(response: UpstreamResponse) -> dict[str, str]:

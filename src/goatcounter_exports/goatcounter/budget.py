@@ -18,7 +18,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from ..errors import ApiError, GoatcounterExportsError, StateError, UpstreamProtocolError, UpstreamTimeout
+from ..errors import (
+    ApiError,
+    GoatcounterExportsError,
+    StateError,
+    UpstreamDisconnected,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 from ..runtime import CallContext, Runtime
 from ..spec.resolve import Target
 from ..upstream import NOT_JSON, UpstreamRequest, UpstreamResponse, parse_json
@@ -36,7 +43,8 @@ def _int(value: str | None) -> int | None:
 SLOT_WAIT_SECONDS = 50.0  # how long a create waits for another process's create to be answered
 SLOT_POLL_SECONDS = 0.2
 IN_FLIGHT_SECONDS = 45.0  # an Idempotency-Key reserved this recently may still be on its way: 409
-PROBES = 5  # export ids looked at to settle a create that got no answer
+PROBES = 5  # the newest export ids checked for the one an unanswered create made
+MAX_PROBES = 40  # export reads spent looking for it, at most
 log = logging.getLogger(__name__)
 
 
@@ -151,33 +159,52 @@ class ExportBudget:
         await self.store.free_create_slot(api_uri)
 
     async def create_failed(self, api_uri: str, error: GoatcounterExportsError, context: CallContext) -> None:
-        """No answer to a create: after a timeout GoatCounter may have made the export, so a retry with the
-        same Idempotency-Key looks for it before creating again; otherwise the key is free again."""
+        """No answer to a create: after a timeout or a connection lost mid-way GoatCounter may have made the
+        export, so a retry with the same Idempotency-Key looks for it before creating again; when the connection
+        was never made, the key is free again."""
         if context.idempotency_key:
-            unknown = isinstance(error, UpstreamTimeout | UpstreamProtocolError)  # sent, perhaps done
+            sent = UpstreamTimeout | UpstreamProtocolError | UpstreamDisconnected
+            unknown = isinstance(error, sent)  # sent, perhaps done
             await self.store.settle(api_uri, context.idempotency_key, None, unknown=unknown)
         await self.store.free_create_slot(api_uri)  # the budget stays counted down: a sent POST spends it
 
     async def _find(
         self, runtime: Runtime, target: Target, api_uri: str, body: dict[str, Any], since: float
     ) -> int | None:
-        """The export an unanswered create made, if it did: GoatCounter numbers exports in order, so the few
-        ids after the newest one recorded here are asked for (bounded), and one of this request made since
-        the try is taken."""
+        """The export an unanswered create made, if it did. GoatCounter numbers exports in order and never
+        deletes one, so this site's newest export is found by galloping up from the newest id recorded here (a
+        new state store records none) to the first id that is not there, then bisecting; the few ids below it
+        are then checked for one of this request made since the try. Bounded by MAX_PROBES reads. Exact when the
+        site's exports are numbered without gaps (a GoatCounter of its own); on a shared instance another site's
+        exports look missing and it may stop early, and the hourly create budget is what refuses a second one."""
         get = ExportOps.find(runtime, target.consumes.namespace).get
-        first = await self.store.max_export_id(api_uri) + 1
+        seen: dict[int, Export | None] = {}
+
+        async def look(export_id: int) -> Export | None:
+            if export_id not in seen and len(seen) < MAX_PROBES:
+                try:
+                    async with runtime.call_target(get, ExportOps.id_values(get, export_id)) as response:
+                        document = await response.document()
+                    seen[export_id] = Export.parse(document) if isinstance(document, dict) else None
+                except ApiError:
+                    seen[export_id] = None  # another site's export, or none yet
+            return seen.get(export_id)
+
+        present = await self.store.max_export_id(api_uri)  # 0: nothing recorded, ids start at 1
+        step, absent = 1, None
+        while absent is None and len(seen) < MAX_PROBES:
+            if await look(present + step) is None:
+                absent = present + step
+            else:
+                present, step = present + step, step * 2
+        while absent is not None and absent - present > 1 and len(seen) < MAX_PROBES:
+            middle = (present + absent) // 2
+            present, absent = (middle, absent) if await look(middle) is not None else (present, middle)
         wanted = request_key(body)
-        for export_id in range(first, first + PROBES):
-            try:
-                async with runtime.call_target(get, ExportOps.id_values(get, export_id)) as response:
-                    document = await response.document()
-            except ApiError:
-                continue  # another site's export, or none yet
-            if not isinstance(document, dict):
-                continue
-            made = Export.parse(document)
-            created = made.document.get("created_at")
-            if request_key(made.document) == wanted and created and _epoch(str(created)) >= since:
+        for export_id in range(present, max(present - PROBES, 0), -1):
+            made = await look(export_id)
+            created = made.document.get("created_at") if made is not None else None
+            if made is not None and request_key(made.document) == wanted and created and _epoch(str(created)) >= since:
                 return made.id
         return None
 

@@ -335,6 +335,8 @@ class GoatCounterTools:
             message = "still being generated"
             text = f"Export {export_id} is {message}. Wait a few seconds, then call download-export again."
             return ToolResult(text, {"export_id": export_id, "ready": False, "message": message})
+        if arguments.get("table") is not None and export.format == "csv":  # refused before the download
+            raise InputError(f"export {export_id} is a CSV export: it has no tables", field="table")
         offset = int(arguments.get("offset", 0))
         limit = int(arguments.get("limit", DEFAULT_PAGE_ROWS))
         page = await self.reader.page(export, offset, limit, arguments.get("table"))
