@@ -2,7 +2,7 @@
 
 One run, everything on 127.0.0.1, every step bounded:
 
-1. start a real GoatCounter (the project's launcher, `goatcounter.local`) with its rate limits lifted, seed it
+1. start a real GoatCounter (the project's launcher, `goatcounter_exports.testbed`) with its rate limits lifted, seed it
    with pageviews (default 20,000, in batches) and create one export directly, then wait until it is finished;
 2. start `.venv/bin/goatcounter-exports serve --rest-port 0 --mcp-port 0` against it, as a subprocess;
 3. check that both paths answer the same export, byte for byte for the downloads;
@@ -166,6 +166,14 @@ def parse_args(argv: Sequence[str]) -> Settings:
     return Settings(**{name: getattr(args, name) for name in (*BOUNDS, "pin")}, service_command=command)
 
 
+def goatcounter_binary() -> Path:
+    """The GoatCounter that scripts/install-goatcounter installed (the launcher moved to testbed.py)."""
+    from goatcounter_exports.settings import default_cache_dir
+    from goatcounter_exports.testbed import find_binary
+
+    return find_binary(cache_dir=default_cache_dir(os.environ))
+
+
 def check_prerequisites() -> list[str]:
     """What is missing, each with how to install it."""
     problems: list[str] = []
@@ -181,10 +189,10 @@ def check_prerequisites() -> list[str]:
         except ImportError:
             problems.append(f"python module {module!r} is missing: run this with .venv/bin/python")
     if not problems:
-        from goatcounter_exports.goatcounter.local import GoatCounterNotInstalled, find_binary
+        from goatcounter_exports.errors import GoatCounterNotInstalled
 
         try:
-            find_binary()
+            goatcounter_binary()
         except GoatCounterNotInstalled as exc:
             problems.append(str(exc))
     return problems
@@ -568,7 +576,7 @@ def run(settings: Settings, out: IO[str]) -> int:
     if problems:
         print("Missing prerequisites:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    from goatcounter_exports.goatcounter.local import LocalGoatCounter, find_binary
+    from goatcounter_exports.testbed import LocalGoatCounter
 
     cpus = sorted(os.sched_getaffinity(0))
     service_cpu: int | None = None
@@ -580,7 +588,7 @@ def run(settings: Settings, out: IO[str]) -> int:
         placement = f"no pinning ({len(cpus)} CPUs shared by the service, GoatCounter, wrk and this driver)"
     report = Report(dt.datetime.now(dt.UTC), settings, placement, versions(VERSIONED_PACKAGES))
     print(f"# goatcounter-exports service benchmark, {report.started:%Y-%m-%d %H:%M} UTC", file=out, flush=True)
-    binary = find_binary()
+    binary = goatcounter_binary()
 
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp, affinity(others):
         workdir = Path(tmp)

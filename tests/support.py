@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from goatcounter_exports.settings import default_cache_dir
-from goatcounter_exports.testbed import BINARY_NAME, find_binary
+from goatcounter_exports.settings import default_cache_dir, default_state_dir
+from goatcounter_exports.testbed import BINARY_NAME, LocalGoatCounter, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "goatcounter_exports"
@@ -86,6 +87,7 @@ def start_service(
         [*CLI, *args], env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
     )
     service = Service(process)
+    LEAKS.output(f"the output of {LEAKS.watch_run(args, env)}", service.output)
     announced = threading.Event()
 
     def pump() -> None:
@@ -119,9 +121,18 @@ def running(args: list[str], env: Mapping[str, str], want: tuple[str, ...] = ("R
 def run_cli(
     args: list[str], env: Mapping[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], env=dict(env or clean_env()), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+    env = dict(env or clean_env())
+    label = LEAKS.watch_run(args, env)
+    try:
+        done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:  # what it wrote before it was killed is output too
+        for name, partial in (("stdout", exc.stdout), ("stderr", exc.stderr)):
+            text = partial.decode("utf-8", "surrogateescape") if isinstance(partial, bytes) else partial or ""
+            LEAKS.output(f"the {name} of {label}", text)
+        raise
+    LEAKS.output(f"the stdout of {label}", done.stdout)
+    LEAKS.output(f"the stderr of {label}", done.stderr)
+    return done
 
 
 def free_port() -> int:
@@ -274,3 +285,173 @@ class RecordingProxy:
 
     def paths(self, method: str | None = None) -> list[str]:
         return [p for m, p, _ in self.requests if method in (None, m)]
+
+
+# -- the key-leak check --------------------------------------------------------------------------------
+
+SECRET_VARIABLE = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$")  # an environment variable that carries a secret
+SECRET_FLAGS = ("--auth-token",)
+FILE_FLAGS = ("-o", "--output", "--db")  # files a command writes: export files, the synced database
+MIN_SECRET = 8  # shorter values ("k", a refused "abc\tdef") would be found by chance, and prove nothing
+SQLITE_SIBLINGS = ("-wal", "-shm", "-journal")
+SCAN_PIECE = 1024 * 1024
+GOATCOUNTER_KEYS = ("export_key", "noexport_key", "siteread_key", "stats_key")
+
+
+def current_test() -> str:
+    """The test running now, as pytest names it (`tests/test_x.py::test_y`), or "the session"."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "the session").rsplit(" (", 1)[0]
+
+
+@dataclass(frozen=True)
+class Leak:
+    owner: str  # whose secret (never the secret itself)
+    where: str  # a file, or an output
+
+    def __str__(self) -> str:
+        return f"the {self.owner} appears in {self.where}"
+
+
+@dataclass
+class LeakCheck:
+    """Every secret the suite hands out, and everything our processes emitted or wrote that could hold one.
+
+    Secrets: each key of each site of every LocalGoatCounter started (conftest.py hooks `start`), and each
+    value of a `*_KEY`/`*_TOKEN`/`*_SECRET`/`*_PASSWORD` variable or `--auth-token` a test gives a command.
+    Places: the output of every `run_cli` and `Service`, the log records of the test process, and every file
+    under the state directories and databases a command or an in-process app was pointed at, and the files
+    `-o`/`--db` named. GoatCounter's own working directories are never scanned: its database holds the keys
+    by design (and so does the environment a process is given, which is not scanned either).
+    `scan()` searches bytes, so a secret in a SQLite page or a gzip member's name is found as well as in text.
+    """
+
+    secrets: dict[str, str] = field(default_factory=dict)  # secret -> its owner
+    outputs: list[tuple[str, Callable[[], str]]] = field(default_factory=list)
+    places: dict[Path, str] = field(default_factory=dict)  # file or directory -> why it is watched
+    ignored: set[Path] = field(default_factory=set)
+    scanned_files: int = 0
+
+    def secret(self, value: str | None, owner: str) -> None:
+        if value and len(value) >= MIN_SECRET and value not in self.secrets:
+            self.secrets[value] = owner
+
+    def output(self, where: str, text: str | Callable[[], str]) -> None:
+        self.outputs.append((where, text if callable(text) else (lambda: text)))
+
+    def watch(self, path: Path, why: str) -> None:
+        self.places.setdefault(Path(path).absolute(), why)
+
+    def ignore(self, path: Path) -> None:
+        self.ignored.add(Path(path).absolute())
+
+    def goatcounter(self, instance: LocalGoatCounter) -> None:
+        """Every key of every site of a started LocalGoatCounter; its working directory is not ours to scan."""
+        self.ignore(instance.workdir)
+        for site in instance.sites:
+            for name in GOATCOUNTER_KEYS:
+                self.secret(
+                    getattr(site, name), f"{name} of site {site.vhost} of the GoatCounter in {instance.workdir}"
+                )
+
+    def watch_run(self, args: Sequence[str], env: Mapping[str, str]) -> str:
+        """Register what a command is given (its secrets) and where it may write; returns how to name it."""
+        label = f"`goatcounter-exports {args[0] if args else ''}` run by {current_test()}"
+        for name, value in env.items():
+            if SECRET_VARIABLE.search(name) and os.environ.get(name) != value:
+                self.secret(value, f"{name} given to {label}")
+        for flag, value in _flag_values(args):
+            if flag in SECRET_FLAGS:
+                self.secret(value, f"{flag} given to {label}")
+            elif flag in FILE_FLAGS:
+                self.watch(ROOT / value, f"{flag} of {label}")
+        if env.get("GOATCOUNTER_EXPORTS_STATE_DIR"):
+            self.watch(Path(env["GOATCOUNTER_EXPORTS_STATE_DIR"]), f"the state directory of {label}")
+        elif env.get("HOME") != os.environ.get("HOME") or env.get("XDG_STATE_HOME"):
+            self.watch(default_state_dir(env), f"the default state directory of {label}")  # a HOME of the test's
+        if env.get("GOATCOUNTER_EXPORTS_DB"):
+            self.watch(Path(env["GOATCOUNTER_EXPORTS_DB"]), f"the database of {label}")
+        return label
+
+    def files(self) -> list[Path]:
+        """Every file to scan: the watched files (with SQLite's journals), and all under the watched directories."""
+        found: set[Path] = set()
+        for place in self.places:
+            if self._ignored(place):
+                continue
+            if place.is_dir():
+                for folder, dirs, names in os.walk(place):
+                    dirs[:] = [d for d in dirs if not self._ignored(Path(folder, d))]
+                    found.update(Path(folder, n) for n in names if not os.path.islink(Path(folder, n)))
+            else:
+                found.update(p for p in (place, *(place.with_name(place.name + s) for s in SQLITE_SIBLINGS)))
+        return sorted(p for p in found if p.is_file())
+
+    def scan(self) -> list[Leak]:
+        """Where each secret appears; empty when none leaked."""
+        needles = {secret.encode(): owner for secret, owner in self.secrets.items()}
+        leaks: list[Leak] = []
+        for where, read in self.outputs:
+            text = read().encode("utf-8", "surrogateescape")
+            leaks += [Leak(owner, where) for needle, owner in needles.items() if needle in text]
+        files = self.files()
+        for path in files:
+            leaks += [Leak(owner, str(path)) for owner in _search_file(path, needles)]
+        self.scanned_files = len(files)
+        return leaks
+
+    def summary(self) -> str:
+        keys = sum(1 for owner in self.secrets.values() if " of the GoatCounter in " in owner)
+        return (
+            f"{len(self.secrets)} secrets ({keys} GoatCounter keys, {len(self.secrets) - keys} values given to "
+            f"commands) searched for in {len(self.outputs)} outputs and {self.scanned_files} files under "
+            f"{len(self.places)} watched places"
+        )
+
+    def _ignored(self, path: Path) -> bool:
+        return any(path == ignored or ignored in path.parents for ignored in self.ignored)
+
+
+class LeakLogHandler(logging.Handler):
+    """Hands every log record of the test process (its in-process apps) to a LeakCheck as an output."""
+
+    def __init__(self, check: LeakCheck) -> None:
+        super().__init__(logging.NOTSET)
+        self.check = check
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.check.output(
+            f"a log record ({record.name}) of the test process during {current_test()}", self.format(record)
+        )
+
+
+def _flag_values(args: Sequence[str]) -> Iterator[tuple[str, str]]:
+    for index, arg in enumerate(args):
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            yield flag, value
+        elif index + 1 < len(args):
+            yield arg, args[index + 1]
+
+
+def _search_file(path: Path, needles: Mapping[bytes, str]) -> set[str]:
+    """The owners of the needles found in a file, read in pieces (a needle may span two of them)."""
+    found: set[str] = set()
+    overlap = max((len(n) for n in needles), default=1) - 1
+    tail = b""
+    try:
+        with path.open("rb") as stream:
+            while piece := stream.read(SCAN_PIECE):
+                window = tail + piece
+                found.update(owner for needle, owner in needles.items() if needle in window)
+                tail = window[-overlap:] if overlap else b""
+    except OSError:
+        pass  # gone, or unreadable: nothing our processes could read back either
+    return found
+
+
+# Lines the fuzzers (test_fuzz.py) report: how many inputs each target got; conftest.py prints them at the end.
+FUZZ_REPORT: list[str] = []
+
+# The suite's one check: conftest.py registers GoatCounter keys and in-process apps in it, run_cli and
+# start_service what they run, and fails the session when `scan()` finds anything.
+LEAKS = LeakCheck()

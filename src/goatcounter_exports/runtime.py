@@ -27,6 +27,9 @@ from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .validation import Validator
 
 JSON_TYPES = {"string", "number", "integer", "boolean", "array", "object"}
+MEMO_TYPES = (str, int, bool, type(None))  # inputs of only these (and few) are remembered once valid
+MEMO_FIELDS = 8
+MEMO_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Runtime:
         self._extensions = {namespace: tuple(found) for namespace, found in (extensions or {}).items()}
         self._schemas: dict[tuple[str, str], dict[str, Any]] = {}
         self._validators: dict[tuple[str, str], Validator] = {}
+        self._valid: dict[tuple[object, ...], dict[str, Any]] = {}  # inputs that passed (validate's memo)
         overrides = base_uris or {}
         self._base_uris = {
             c.namespace: (overrides.get(c.namespace) or c.base_uri).rstrip("/") for c in spec.capability.consumes
@@ -160,7 +164,24 @@ class Runtime:
         return self._schemas[key]
 
     def validate(self, binding: Binding, raw: Mapping[str, Any], *, from_strings: bool = False) -> dict[str, Any]:
-        """Check (and, for values that arrived as text, convert) inputs. Raises InputError."""
+        """Check (and, for values that arrived as text, convert) inputs. Raises InputError.
+
+        Inputs of a few plain values (a path's `id`, a query's text) that passed once pass again without being
+        checked again: they are remembered (MEMO_SIZE of them, the oldest forgotten first)."""
+        memo = None
+        if len(raw) <= MEMO_FIELDS and all(type(v) in MEMO_TYPES for v in raw.values()):
+            memo = (binding.namespace, binding.name, from_strings, tuple(sorted(raw.items())))
+            known = self._valid.get(memo)
+            if known is not None:
+                return dict(known)
+        values = self._validate(binding, raw, from_strings)
+        if memo is not None and all(type(v) in (*MEMO_TYPES, float) for v in values.values()):  # nothing shared
+            if len(self._valid) >= MEMO_SIZE:
+                self._valid.pop(next(iter(self._valid)))
+            self._valid[memo] = dict(values)
+        return values
+
+    def _validate(self, binding: Binding, raw: Mapping[str, Any], from_strings: bool) -> dict[str, Any]:
         values = dict(raw)
         if from_strings:
             for item in binding.inputs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import signal
 import socket
 from collections.abc import Callable, Generator, Sequence
@@ -19,6 +20,19 @@ from starlette.types import ASGIApp
 from .errors import ConfigError
 
 DRAIN_SECONDS = 10  # after SIGTERM or Ctrl-C, requests in flight get this long to finish
+# uvicorn's HTTP/1.1 parser: httptools (C) when installed, h11 (pure Python, several times slower) otherwise.
+HTTP_PARSER = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (libuv: fewer microseconds per request and per chunk than
+    asyncio's own), for `asyncio.Runner(loop_factory=...)`; None: asyncio's default."""
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 @dataclass
@@ -71,6 +85,8 @@ async def run_listeners(listeners: Sequence[Listener], on_started: Callable[[], 
             log_level="warning",
             access_log=False,
             lifespan="auto",
+            http=HTTP_PARSER,
+            server_header=False,  # nothing to gain from telling
             timeout_graceful_shutdown=DRAIN_SECONDS,  # a stalled download cannot hold a stop forever
         )
         servers.append((_Server(config), listener.sock))

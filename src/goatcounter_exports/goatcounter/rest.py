@@ -16,15 +16,18 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..adapters.rest import Handler, streaming
+from ..adapters.rest import Handler, forward, streaming
 from ..errors import ExportError, ExportFailed
 from ..spec.resolve import Binding
 from .exportfile import ExportReader, kind_of
 from .exports import Export, export_shape
 
 GZIP_TYPE = "application/gzip"
+JSON_TYPE = "application/json"
+RENDERED_SIZE = 256  # finished exports' GET answers kept made
+CACHE_HEADER = "X-Cache"  # "hit": answered here (a finished export cannot change), so no upstream rate-limit headers
 ZIP_TYPE = "application/zip"
 
 
@@ -60,12 +63,17 @@ class GoatCounterRest:
             return document, {}
         shown = {k: v for k, v in document.items() if k != "path"}
         try:
-            note = await self.note(Export.parse(document))
+            export = Export.parse(document)
+            note = await self.note(export)
         except ExportError:
             return shown, {}
+        if export_shape(binding.target) == "get" and self._unmapped(binding):
+            self.reader.remember(export)  # the object as GoatCounter gave it; kept only when finished
         return shown, ({NOTE_HEADER: note} if note else {})
 
     def handler(self, binding: Binding) -> Handler | None:
+        if export_shape(binding.target) == "get":
+            return self._get_handler(binding)
         if export_shape(binding.target) != "download":
             return None
 
@@ -74,6 +82,41 @@ class GoatCounterRest:
             return await self.download(request, export_id)
 
         return download
+
+    def _get_handler(self, binding: Binding) -> Handler:
+        """`GET .../export/{id}`: a finished export never changes, so once seen finished (here or by the reader) it
+        is answered from the reader's cache, nothing sent upstream, its answer made once; until then, the
+        upstream's answer passes through as always (and `shape` remembers it once it is finished)."""
+        runtime = self.reader.runtime
+        rendered: dict[int, tuple[Export, Response]] = {}  # the answer for each cached export, made once
+
+        async def get(request: Request, inputs: dict[str, Any]) -> Response:
+            export_id = int(runtime.resolve_with(binding, inputs)["id"])
+            export = self.reader.cached(export_id)
+            if export is None:  # as the adapter's own pass-through would, with this hook
+                stack = AsyncExitStack()
+                try:
+                    response = await forward(request, runtime, binding, inputs, stack, self)
+                except BaseException:
+                    await stack.aclose()
+                    raise
+                if not isinstance(response, StreamingResponse):  # a streamed body closes the stack itself
+                    await stack.aclose()
+                return response
+            made = rendered.get(export_id)
+            if made is None or made[0] is not export:
+                content, headers = await self.shape(binding, runtime.map_output(binding.outputs, export.document))
+                made = rendered[export_id] = (export, JSONResponse(content, 200, {**headers, CACHE_HEADER: "hit"}))
+                if len(rendered) > RENDERED_SIZE:
+                    rendered.pop(next(iter(rendered)))
+            return Response(made[1].body, 200, dict(made[1].headers), media_type=JSON_TYPE)
+
+        return get
+
+    def _unmapped(self, binding: Binding) -> bool:
+        """Whether the binding passes the upstream's document through whole (its outputs map nothing away)."""
+        probe: dict[str, Any] = {}
+        return self.reader.runtime.map_output(binding.outputs, probe) is probe
 
     async def download(self, request: Request, export_id: int) -> Response:
         export = await self.reader.get(export_id)
