@@ -18,6 +18,7 @@ import pytest
 from goatcounter_exports.app import build_app
 from goatcounter_exports.errors import ExportError
 from goatcounter_exports.goatcounter.exportfile import RecordStream, split_header
+from goatcounter_exports.goatcounter.warehouse import LAYOUT
 from goatcounter_exports.settings import Settings
 from goatcounter_exports.spec import load_default
 from goatcounter_exports.testbed import LocalGoatCounter
@@ -289,3 +290,19 @@ def test_sync_all_puts_every_site_in_one_database_scoped_and_a_failing_site_fail
         per_site = dict(db.execute("select site, count(*) from pageviews group by site"))
     assert per_site == {one.url: 3, two.url: 4}
     assert "not-a-key-of-any-site" not in run.stdout + run.stderr
+
+
+def test_a_sqlite_copy_of_a_newer_layout_is_refused_and_left_alone(fresh: LocalGoatCounter, tmp_path: Path) -> None:
+    database = tmp_path / "views.sqlite3"
+    env = service_env(fresh, tmp_path / "state")
+    fresh.seed(["/a", "/b"])
+    assert run_cli(["sync", "--db", str(database)], env).returncode == 0
+    with sqlite3.connect(database) as db:
+        assert db.execute("pragma user_version").fetchone() == (LAYOUT,)
+        db.execute(f"pragma user_version = {LAYOUT + 1}")
+    fresh.seed(["/c"])
+    run = run_cli(["sync", "--db", str(database)], env)
+    assert run.returncode == 2 and "newer goatcounter-exports" in run.stderr, run.stderr
+    assert synced_paths(database) == ["/a", "/b"]
+    with sqlite3.connect(fresh.db_path) as gc:
+        assert gc.execute("select count(*) from exports").fetchone() == (1,)  # refused before any export was made

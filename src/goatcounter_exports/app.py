@@ -17,17 +17,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from mcp.server.lowlevel import Server
-from mcp.server.stdio import stdio_server
-from mcp.server.transport_security import TransportSecuritySettings
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .adapters.guard import Guard, InboundAuth
-from .adapters.mcp import create_mcp_server
 from .adapters.openapi import OpenApiHooks
 from .adapters.ops import Metrics, Observe, ops_routes
 from .adapters.rest import RestHooks, create_rest_app
@@ -42,17 +38,21 @@ from .goatcounter.profile import GoatCounterProfile, is_goatcounter, site_api_ur
 from .goatcounter.rest import GoatCounterRest
 from .goatcounter.site import SiteProbe
 from .goatcounter.store import STATE_FILE, StateStore, Store
-from .goatcounter.store_postgres import PostgresStateStore
-from .goatcounter.tools import GoatCounterTools
 from .goatcounter.versions import CreateBodyStyle
 from .goatcounter.workflow import ExportJob
 from .progress import Progress, no_progress
 from .runtime import Extension, Runtime
-from .server import Listener, bind, run_listeners
+from .server import Listener, bind, loop_factory, run_listeners
 from .settings import Settings
 from .spec import Spec
 from .spec.models import Authentication
 from .upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from mcp.server.lowlevel import Server
+    from mcp.server.transport_security import TransportSecuritySettings
+
+__all__ = ["loop_factory"]  # for cli.py, which may not import server.py itself
 
 MCP_PATH = "/mcp"
 READY_SECONDS = 3.0
@@ -76,6 +76,8 @@ def allowed_hosts(host: str, extra_hosts: tuple[str, ...]) -> list[str]:
 
 def transport_security(host: str, extra_hosts: tuple[str, ...]) -> TransportSecuritySettings:
     """Host/Origin checks against DNS rebinding: on for loopback and, unlike the SDK default, elsewhere too."""
+    from mcp.server.transport_security import TransportSecuritySettings  # the MCP SDK, only when MCP is served
+
     hosts = allowed_hosts(host, extra_hosts)
     origins = [f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")]
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
@@ -138,12 +140,15 @@ class App:
         return self._guarded(observed, expose.authentication if expose else None, "/", PUBLIC_PATHS)
 
     def mcp_server(self, namespace: str | None = None) -> Server[Any]:
+        from .adapters.mcp import create_mcp_server  # the MCP SDK takes ~1 s to import: only when MCP is served
+        from .goatcounter.tools import GoatCounterTools
+
         expose = next((e for e in self.spec.mcp_exposes if namespace in (None, e.namespace)), None)
         bindings = self.runtime.bindings("mcp", expose.namespace) if expose else []
         providers: list[ToolProvider] = []
         for parts in self.goatcounter.values():
             mine = [b for b in bindings if b.target.consumes.namespace == parts.namespace]
-            providers.append(GoatCounterTools(self.runtime, mine, parts.reader, parts.job, self.settings.database))
+            providers.append(GoatCounterTools(self.runtime, mine, parts.reader, parts.job, self.settings.warehouse))
         providers.append(SpecTools(self.runtime, bindings))
         return create_mcp_server(
             providers,
@@ -267,6 +272,8 @@ class App:
 
     async def serve_stdio(self) -> None:
         """The MCP tools over stdin/stdout, for desktop clients that launch a command."""
+        from mcp.server.stdio import stdio_server
+
         server = self.mcp_server()
         async with self, stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
@@ -334,7 +341,7 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
     """Every piece, built once. Raises ConfigError for a bound variable that is missing or unusable."""
     client = client or UpstreamClient(connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout)
     store: Store = (
-        PostgresStateStore(settings.state_url) if settings.state_url else StateStore(settings.state_dir / STATE_FILE)
+        _postgres_store(settings.state_url) if settings.state_url else StateStore(settings.state_dir / STATE_FILE)
     )
     metrics = Metrics()
     metrics.registry.register(StateCollector(settings.state_dir / STATE_FILE, settings.database))
@@ -367,3 +374,10 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
         parts = GoatCounterParts(namespace, reader, GoatCounterOpenApi(), store, create_body, site)
         app.goatcounter[namespace] = parts
     return app
+
+
+def _postgres_store(url: str) -> Store:
+    """The PostgreSQL state store, imported only when asked for (psycopg costs ~0.3 s and ~10 MB to import)."""
+    from .goatcounter.store_postgres import PostgresStateStore
+
+    return PostgresStateStore(url)

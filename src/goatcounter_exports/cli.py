@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .adapters.ops import configure_logging
-from .app import App, build_app
+from .app import App, build_app, loop_factory
 from .app import check_ports as ports_free
 from .browse import run_browse
 from .demo import run_demo
@@ -33,7 +33,7 @@ from .errors import (
 )
 from .goatcounter.exports import ExportRequest, Format
 from .goatcounter.sync import sync as run_sync
-from .goatcounter.warehouse import SqliteWarehouse, remove_empty
+from .goatcounter.warehouse import open_warehouse, remove_empty
 from .goatcounter.workflow import write_atomically
 from .progress import reporter
 from .settings import BY_NAME, CONFIG_VARIABLE, Settings, check_url, default_config_file
@@ -92,7 +92,11 @@ def guarded(action: Callable[[], T]) -> T:
 
 
 def run_async(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    guarded(lambda: asyncio.run(work()))
+    def run() -> None:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:  # uvloop when installed
+            runner.run(work())
+
+    guarded(run)
 
 
 def load_spec(path: str | None) -> Spec:
@@ -476,7 +480,7 @@ def export(
     )
 )
 @spec_option
-@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="SQLite database to fill.")
+@click.option("--db", "database", metavar="PATH|URL", help="Database to fill: a SQLite file, or a postgresql:// URL.")
 @click.option(
     "--format",
     "export_format",
@@ -496,7 +500,7 @@ def export(
 @state_option
 def sync(
     spec_path: str | None,
-    database: Path | None,
+    database: str | None,
     export_format: str,
     quiet: bool,
     all_sites: bool,
@@ -511,11 +515,11 @@ def sync(
     app = make_app(spec_path, database_path=database, state_url=state_url)
     report = reporter(quiet=quiet)
     job = guarded(lambda: app.export_job(report))
-    target = app.settings.database
-    existed = target.exists()
+    target = app.settings.warehouse
+    existed = isinstance(target, str) or target.exists()
 
     async def run() -> None:
-        warehouse = SqliteWarehouse(target)
+        warehouse = open_warehouse(target)
         try:
             async with app:
                 with report.live():
@@ -524,9 +528,9 @@ def sync(
                     )
         finally:
             warehouse.close()
-            if not existed:
+            if not existed and isinstance(target, Path):
                 remove_empty(target)  # a failed first run leaves nothing that looks synced
-        report.line(result.line(target))
+        report.line(result.line(warehouse.name))
         if result.note:
             click.echo(f"note: {result.note}", err=True)
 
@@ -534,17 +538,17 @@ def sync(
 
 
 def sync_every_site(
-    spec_path: str | None, database: Path | None, wanted: Format | None, quiet: bool, timeout: float, state: str | None
+    spec_path: str | None, database: str | None, wanted: Format | None, quiet: bool, timeout: float, state: str | None
 ) -> None:
     spec = load_spec(spec_path)
     settings = make_settings(spec, database_path=database, state_url=state)
     if not settings.sites:
         fail("--all needs sites in the config file: [[sites]] with url and key_env (see docs/scaling.md)")
-    target = settings.database
+    target = settings.warehouse
     outcomes: list[SiteOutcome] = []
 
     async def run() -> None:
-        warehouse = SqliteWarehouse(target)
+        warehouse = open_warehouse(target)
         try:
             outcomes.extend(await sync_all(spec, settings, warehouse, export_format=wanted, wait_seconds=timeout))
         finally:
@@ -564,11 +568,13 @@ def sync_every_site(
         "state_dir",
     )
 )
-@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="The synced database.")
+@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), help="The synced SQLite database.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no login: keep loopback).")
 @click.option("--port", type=int, default=8001, show_default=True, help="Port (0: any free).")
 @click.option("--no-open", is_flag=True, help="Do not open a web browser.")
 def browse(database: Path | None, host: str, port: int, no_open: bool) -> None:
     """Look at the synced copy in Datasette (the `browse` extra): top pages, referrers, ..., a daily chart."""
     settings = make_settings(load_spec(None), database_path=database)
+    if settings.database_url is not None:
+        fail("browse serves a SQLite copy; a PostgreSQL copy is read with its own tools (psql, Metabase, ...)")
     guarded(lambda: run_browse(settings.database, host=host, port=port, open_browser=not no_open))

@@ -110,6 +110,12 @@ def _postgres_url(value: Any, source: str) -> str:
     return str(value)
 
 
+def _database(value: Any, source: str) -> Path | str:
+    """A SQLite file's path, or a postgresql:// URL (kept as text: a Path would fold its `//`)."""
+    text = str(value)
+    return text if urlsplit(text).scheme in ("postgres", "postgresql") else _path(text, source)
+
+
 def _text(value: Any, source: str) -> str:
     return str(value)
 
@@ -149,7 +155,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("state_url", "a PostgreSQL state store shared by replicas (postgresql://...); a password is better in "
            "PGPASSWORD or ~/.pgpass", "(none: SQLite in the state directory)", _postgres_url, "--state",
            "GOATCOUNTER_EXPORTS_STATE_URL", "state"),
-    Option("database_path", "the synced database", "pageviews.sqlite3 in the state directory", _path, "--db",
+    Option("database_path", "the synced database: a SQLite file, or a postgresql:// URL (`sync` only; a password is "
+           "better in PGPASSWORD or ~/.pgpass)", "pageviews.sqlite3 in the state directory", _database, "--db",
            "GOATCOUNTER_EXPORTS_DB", "database"),
     Option("cache_dir", "where scripts/install-goatcounter puts GoatCounter (for `demo`)",
            "~/.cache/goatcounter-exports", _path, None, "GOATCOUNTER_EXPORTS_CACHE", "cache_dir"),
@@ -253,7 +260,8 @@ class Settings:
     read_timeout: float = 30.0
     max_body_bytes: int = 64 * 1024
     state_dir: Path = Path(".")
-    database_path: Path | None = None  # the synced pageviews; default: in state_dir
+    database_path: Path | None = None  # the synced copy in SQLite; default: in state_dir
+    database_url: str | None = field(default=None, repr=False)  # or in PostgreSQL (may hold a password)
     cache_dir: Path = Path(".")
     crash_at: str | None = None  # tests only: where `sync` kills itself
     auth_token: str | None = field(default=None, repr=False)  # what REST and MCP clients must present
@@ -268,7 +276,13 @@ class Settings:
 
     @property
     def database(self) -> Path:
+        """The SQLite copy (what browse, pageview-stats and the metrics read)."""
         return self.database_path or self.state_dir / "pageviews.sqlite3"
+
+    @property
+    def warehouse(self) -> Path | str:
+        """Where `sync` writes: the PostgreSQL URL when one is set, else the SQLite file."""
+        return self.database_url or self.database
 
     @classmethod
     def from_environ(
@@ -317,6 +331,8 @@ class Settings:
             values[name] = known.parse(value, known.flag or name) if known else value
             if known:
                 sources[name] = "flag"
+        if isinstance(values.get("database_path"), str):  # a postgresql:// URL
+            values["database_url"] = values.pop("database_path")
         return cls(**values, sources=sources)
 
     def with_site(self, site_url: str, secrets: Mapping[str, str]) -> Settings:
@@ -329,18 +345,23 @@ class Settings:
         for option in OPTIONS:
             value: Any = getattr(self, option.name)
             if option.name == "database_path":
-                value = self.database
+                value = _masked(self.database_url) if self.database_url else self.database
             if option.name == "auth_token" and value:
                 value = f"(set, {len(value)} characters)"
             if option.name == "state_url" and value:
-                parts = urlsplit(value)
-                value = value.replace(f":{parts.password}@", ":***@") if parts.password else value
+                value = _masked(value)
             shown = option.default if value is None or value == () else str(value)
             source = self.sources.get(option.name, "default")
             rows.append((option.variable or option.flag or option.name, shown, source))
         for name, secret in self.secrets.items():
             rows.append((name, f"(set, {len(secret)} characters)", "environment"))
         return rows
+
+
+def _masked(url: str) -> str:
+    """A URL with its password, if any, shown as ***."""
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":***@") if password else url
 
 
 def reference_markdown() -> str:

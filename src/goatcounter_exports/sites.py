@@ -16,7 +16,7 @@ from .app import build_app
 from .errors import GoatcounterExportsError, RateLimited, exit_code
 from .goatcounter.exports import Format
 from .goatcounter.sync import sync
-from .goatcounter.warehouse import SqliteWarehouse
+from .goatcounter.warehouse import Warehouse
 from .progress import Progress, no_progress
 from .settings import Settings, Site
 from .spec import Spec
@@ -30,20 +30,6 @@ class SiteOutcome:
     deferred: bool = False
 
 
-def last_synced(warehouse: SqliteWarehouse) -> Callable[[str], str | None]:
-    """When a site was last synced (either kind), from the cursors in the database."""
-
-    def when(site: str) -> str | None:
-        row = warehouse.db.execute(
-            "select max(synced_at) from (select synced_at from sync_state where site = ? "
-            "union all select synced_at from stats_sync where site = ?)",
-            (site, site),
-        ).fetchone()
-        return str(row[0]) if row and row[0] else None
-
-    return when
-
-
 def order(sites: tuple[Site, ...], last_synced: Callable[[str], str | None]) -> list[Site]:
     """Never synced first, then the least recently synced: deferred sites get their turn."""
     return sorted(sites, key=lambda site: (last_synced(site.url) or "", sites.index(site)))
@@ -52,14 +38,14 @@ def order(sites: tuple[Site, ...], last_synced: Callable[[str], str | None]) -> 
 async def sync_all(
     spec: Spec,
     settings: Settings,
-    warehouse: SqliteWarehouse,
+    warehouse: Warehouse,
     *,
     export_format: Format | None,
     wait_seconds: float,
     progress: Progress = no_progress,
 ) -> list[SiteOutcome]:
     outcomes = []
-    for site in order(settings.sites, last_synced(warehouse)):
+    for site in order(settings.sites, warehouse.last_synced):
         key = settings.site_keys.get(site.name)
         if key is None:
             line = f"{site.name}: FAILED: {site.key_variable}, which holds its key, is not set"
@@ -79,7 +65,7 @@ async def sync_all(
         except GoatcounterExportsError as exc:
             outcomes.append(SiteOutcome(site, f"{site.name}: FAILED: {exc}", exit_code(exc)))
             continue
-        outcomes.append(SiteOutcome(site, f"{site.name}: {result.line(warehouse.path)}", 0))
+        outcomes.append(SiteOutcome(site, f"{site.name}: {result.line(warehouse.name)}", 0))
     return outcomes
 
 

@@ -8,17 +8,22 @@ names the site. Two sources, by what the site keeps:
 - `aggregates`: the JSON export's statistics (what GoatCounter's dashboard shows). Counts are
   visitors: one per visitor, path and hour; bots are never counted.
 By default the site's pageviews are used when it has any, else its aggregates.
+
+The copy is SQLite or PostgreSQL (`--db postgresql://...`): the same tables, the same statements (standard
+SQL; the day after `until` is computed here), each read in a read-only transaction.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 
 MAX_LIMIT = 100
 Source = Literal["pageviews", "aggregates"]
@@ -83,8 +88,57 @@ def _day(value: str | None, name: str) -> str | None:
         raise InputError(f"{name} must be a date like 2026-11-01, got {value!r}", field=name) from None
 
 
+class Reader(Protocol):
+    def rows(self, query: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+    def has_table(self, name: str) -> bool: ...
+
+
+class _Sqlite:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def rows(self, query: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.db.execute(query, args))
+
+    def has_table(self, name: str) -> bool:
+        return self.db.execute("select 1 from sqlite_master where name = ?", (name,)).fetchone() is not None
+
+
+class _Postgres:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def rows(self, query: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.db.execute(query.replace("?", "%s"), args).fetchall())
+
+    def has_table(self, name: str) -> bool:
+        return self.db.execute("select to_regclass(%s) is not null", (name,)).fetchone()[0] is True
+
+
+@contextmanager
+def reading(database: Path | str) -> Iterator[Reader]:
+    """The synced copy, read-only: a SQLite file, or a PostgreSQL database's URL."""
+    if isinstance(database, str):
+        from .store_postgres import safe_name
+
+        try:  # the `postgres` extra, imported only when a PostgreSQL copy is read
+            import psycopg
+        except ImportError:
+            raise OutputError("reading a PostgreSQL copy needs the postgres extra") from None
+        try:
+            with psycopg.connect(database, connect_timeout=10, options="-c default_transaction_read_only=on") as db:
+                yield _Postgres(db)
+        except psycopg.Error as exc:
+            raise OutputError(f"the synced database {safe_name(database)} cannot be read: {exc}") from None
+        return
+    if not database.exists():
+        raise InputError("there is no synced database yet; run `goatcounter-exports sync` first", field=None)
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+        yield _Sqlite(db)
+
+
 def ask(
-    database: Path,
+    database: Path | str,
     site: str,
     question: str,
     *,
@@ -95,15 +149,13 @@ def ask(
     limit: int = 10,
     source: Source | None = None,
 ) -> Answer:
-    """Blocking SQLite: call it from a thread in the event loop."""
+    """Blocking: call it from a thread in the event loop."""
     if question not in QUESTIONS:
         raise InputError(f"question must be one of {', '.join(QUESTIONS)}", field="question")
     if not 1 <= limit <= MAX_LIMIT:
         raise InputError(f"limit must be between 1 and {MAX_LIMIT}", field="limit")
     first, last = _day(since, "since"), _day(until, "until")
-    if not database.exists():
-        raise InputError("there is no synced database yet; run `goatcounter-exports sync` first", field=None)
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+    with reading(database) as db:
         chosen = source or _source_of(db, site)
         if chosen is None:
             raise InputError("nothing of this site is synced yet; run `goatcounter-exports sync` first", field=None)
@@ -116,13 +168,16 @@ def ask(
         return _ask_aggregates(db, site, question, first, last, path_prefix, limit)
 
 
-def _has(db: sqlite3.Connection, table: str, site: str) -> bool:
-    if db.execute("select 1 from sqlite_master where name = ?", (table,)).fetchone() is None:
-        return False
-    return db.execute(f"select 1 from {table} where site = ? limit 1", (site,)).fetchone() is not None  # noqa: S608
+def _has(db: Reader, table: str, site: str) -> bool:
+    return db.has_table(table) and bool(db.rows(f"select 1 from {table} where site = ? limit 1", (site,)))  # noqa: S608
 
 
-def _source_of(db: sqlite3.Connection, site: str) -> Source | None:
+def _after(day: str) -> str:
+    """The day after `day` (2026-11-20 -> 2026-11-21): `until` is inclusive, and dates compare as text."""
+    return (date.fromisoformat(day) + timedelta(days=1)).isoformat()
+
+
+def _source_of(db: Reader, site: str) -> Source | None:
     if _has(db, "pageviews", site):
         return "pageviews"
     if _has(db, "stats_sync", site):
@@ -131,7 +186,7 @@ def _source_of(db: sqlite3.Connection, site: str) -> Source | None:
 
 
 def _ask_pageviews(
-    db: sqlite3.Connection,
+    db: Reader,
     site: str,
     question: str,
     first: str | None,
@@ -146,15 +201,15 @@ def _ask_pageviews(
         where.append("date >= ?")
         args.append(first)
     if last:
-        where.append("date < date(?, '+1 day')")
-        args.append(last)
+        where.append("date < ?")
+        args.append(_after(last))
     if path_prefix:
         where.append("substr(path, 1, ?) = ?")
         args.extend([len(path_prefix), path_prefix])
     if not include_bots:
         where.append("coalesce(bot, 0) = 0")
     condition = " and ".join(where)
-    total = int(db.execute(f"select count(*) from pageviews where {condition}", args).fetchone()[0])  # noqa: S608
+    total = int(db.rows(f"select count(*) from pageviews where {condition}", args)[0][0])  # noqa: S608
     rows: list[dict[str, Any]] = []
     if question in PAGEVIEW_GROUPS:
         order = "value" if question in ORDERED_BY_TIME else "pageviews desc, value"
@@ -162,12 +217,12 @@ def _ask_pageviews(
             f"select {PAGEVIEW_GROUPS[question]} as value, count(*) as pageviews from pageviews "  # noqa: S608
             f"where {condition} group by value order by {order} limit ?"
         )
-        rows = [{"value": v, "pageviews": n} for v, n in db.execute(query, [*args, limit])]
+        rows = [{"value": v, "pageviews": int(n)} for v, n in db.rows(query, [*args, limit])]
     return Answer(question, "pageviews", "pageviews", rows, total, first, last)
 
 
 def _ask_aggregates(
-    db: sqlite3.Connection,
+    db: Reader,
     site: str,
     question: str,
     first: str | None,
@@ -185,8 +240,8 @@ def _ask_aggregates(
             where.append(f"{time} >= ?")
             args.append(first)
         if last:
-            where.append(f"{time} < date(?, '+1 day')")
-            args.append(last)
+            where.append(f"{time} < ?")
+            args.append(_after(last))
         if path_prefix:
             where.append("substr(p.path, 1, ?) = ?")
             args.extend([len(path_prefix), path_prefix])
@@ -194,11 +249,11 @@ def _ask_aggregates(
 
     paths = "join paths p on p.site = s.site and p.id = s.path_id"
     where, args = condition()
-    if not _table_exists(db, table):  # campaign statistics: only in exports that carry them
+    if not db.has_table(table):  # campaign statistics: only in exports that carry them
         return Answer(question, "aggregates", "visitors", [], 0, first, last)
     # The total over the table the question reads, with the same filters (hit_stats for `total`).
     total_query = f"select coalesce(sum(s.count), 0) from {table} s {paths} where {where}"  # noqa: S608
-    total = int(db.execute(total_query, args).fetchone()[0])
+    total = int(db.rows(total_query, args)[0][0])
     rows: list[dict[str, Any]] = []
     if question != "total":
         order = "value" if question in ORDERED_BY_TIME else "visitors desc, value"
@@ -206,9 +261,5 @@ def _ask_aggregates(
             f"select {label} as value, sum(s.count) as visitors from {table} s {paths} {joins} "  # noqa: S608
             f"where {where} group by value order by {order} limit ?"
         )
-        rows = [{"value": v, "visitors": int(n)} for v, n in db.execute(query, [*args, limit])]
+        rows = [{"value": v, "visitors": int(n)} for v, n in db.rows(query, [*args, limit])]
     return Answer(question, "aggregates", "visitors", rows, total, first, last)
-
-
-def _table_exists(db: sqlite3.Connection, table: str) -> bool:
-    return db.execute("select 1 from sqlite_master where name = ?", (table,)).fetchone() is not None
