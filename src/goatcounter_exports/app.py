@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -39,6 +40,7 @@ from .goatcounter.rest import GoatCounterRest
 from .goatcounter.site import SiteProbe
 from .goatcounter.store import STATE_FILE, StateStore, Store
 from .goatcounter.versions import CreateBodyStyle
+from .goatcounter.warehouse import SqliteWarehouse, Warehouse
 from .goatcounter.workflow import ExportJob
 from .progress import Progress, no_progress
 from .runtime import Extension, Runtime
@@ -374,6 +376,15 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
         parts = GoatCounterParts(namespace, reader, GoatCounterOpenApi(), store, create_body, site)
         app.goatcounter[namespace] = parts
     return app
+
+
+def open_warehouse(target: Path | str) -> Warehouse:
+    """The SQLite file at a path, or the PostgreSQL database of a postgresql:// URL (psycopg imported only then)."""
+    if isinstance(target, str):
+        from .goatcounter.warehouse_postgres import PostgresWarehouse
+
+        return PostgresWarehouse(target)
+    return SqliteWarehouse(target)
 
 
 def _postgres_store(url: str) -> Store:

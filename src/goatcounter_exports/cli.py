@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .adapters.ops import configure_logging
-from .app import App, build_app, loop_factory
+from .app import App, build_app, loop_factory, open_warehouse
 from .app import check_ports as ports_free
 from .browse import run_browse
 from .demo import run_demo
@@ -33,7 +33,7 @@ from .errors import (
 )
 from .goatcounter.exports import ExportRequest, Format
 from .goatcounter.sync import sync as run_sync
-from .goatcounter.warehouse import open_warehouse, remove_empty
+from .goatcounter.warehouse import remove_empty
 from .goatcounter.workflow import write_atomically
 from .progress import reporter
 from .settings import BY_NAME, CONFIG_VARIABLE, Settings, check_url, default_config_file

@@ -72,15 +72,6 @@ class Warehouse(Protocol):
     def visitor_total(self, site: str) -> int: ...
 
 
-def open_warehouse(target: Path | str) -> Warehouse:
-    """The SQLite file at a path, or the PostgreSQL database of a postgresql:// URL."""
-    if isinstance(target, str):
-        from .warehouse_postgres import PostgresWarehouse  # the `postgres` extra, imported only when asked for
-
-        return PostgresWarehouse(target)
-    return SqliteWarehouse(target)
-
-
 SCHEMA = """
 create table if not exists sync_state (
     site text primary key,
@@ -104,10 +95,11 @@ def column_name(header: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", spaced.lower()).strip("_")
 
 
-def _json_tables_schema() -> list[str]:
+def json_tables_schema(integer: str = "integer") -> list[str]:
+    """The JSON export's tables, in either store (`integer` is its name for a whole number)."""
     statements = []
     for table, columns in JSON_TABLES.items():
-        typed = ", ".join(f"{c} {'integer' if c in INTEGER_COLUMNS else 'text'}" for c in columns)
+        typed = ", ".join(f"{c} {integer if c in INTEGER_COLUMNS else 'text'}" for c in columns)
         if table in DIMENSION_TABLES or table == "campaigns":
             key = ", ".join(DIMENSION_KEYS.get(table, ("id",)))
             statements.append(
@@ -141,7 +133,7 @@ class SqliteWarehouse:
                 )
             self.db.execute(f"pragma user_version = {LAYOUT}")  # an earlier layout is converted as it is used
             self.db.executescript(SCHEMA)
-            for statement in _json_tables_schema():
+            for statement in json_tables_schema():
                 self.db.execute(statement)
         except (sqlite3.Error, OSError) as exc:
             raise OutputError(f"the synced database {path} cannot be opened: {exc}") from None
@@ -344,7 +336,7 @@ class SqliteWarehouse:
         self.db.executemany(
             f"insert into {table} (site, {', '.join(columns)}) values (?, {', '.join('?' for _ in columns)}) "  # noqa: S608
             f"on conflict (site, {', '.join(keys)}) do update set {updates}",
-            ((site, *(_json_value(c, row.get(c)) for c in columns)) for row in rows),
+            ((site, *(json_value(c, row.get(c)) for c in columns)) for row in rows),
         )
 
     def replace_stats(self, site: str, table: str, from_day: str | None, rows: Iterable[dict[str, Any]]) -> int:
@@ -359,7 +351,7 @@ class SqliteWarehouse:
         before = self.db.total_changes
         self.db.executemany(
             f"insert into {table} (site, {', '.join(columns)}) values (?, {', '.join('?' for _ in columns)})",  # noqa: S608
-            ((site, *(_json_value(c, row.get(c)) for c in columns)) for row in rows),
+            ((site, *(json_value(c, row.get(c)) for c in columns)) for row in rows),
         )
         return self.db.total_changes - before
 
@@ -389,7 +381,8 @@ def _pageview_expression(column: str, number: int) -> str:
     return f"?{number}"
 
 
-def _json_value(column: str, value: Any) -> Any:
+def json_value(column: str, value: Any) -> Any:
+    """A JSON export value as either store keeps it: `event` a number, a missing text empty."""
     if column == "event":
         return 1 if value else 0
     if value is None:

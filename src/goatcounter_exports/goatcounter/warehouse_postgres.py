@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ConfigError, ExportError, IntegrityError, OutputError
-from .exportfile import DIMENSION_TABLES, JSON_TABLES, OPTIONAL_TABLES, STATS_TABLES, ExportFile, split_header
+from .exportfile import JSON_TABLES, OPTIONAL_TABLES, STATS_TABLES, ExportFile, split_header
 from .store_postgres import is_postgres_url, safe_name
-from .warehouse import DIMENSION_KEYS, INTEGER_COLUMNS, PAGEVIEW_INDEX, column_name
+from .warehouse import DIMENSION_KEYS, PAGEVIEW_INDEX, column_name, json_tables_schema, json_value
 
 try:  # the `postgres` extra
     import psycopg
@@ -63,22 +63,6 @@ SCHEMA = [
 ]
 
 
-def _json_tables_schema() -> list[str]:
-    statements = []
-    for table, columns in JSON_TABLES.items():
-        typed = ", ".join(f"{c} {'bigint' if c in INTEGER_COLUMNS else 'text'}" for c in columns)
-        if table in DIMENSION_TABLES or table == "campaigns":
-            key = ", ".join(DIMENSION_KEYS.get(table, ("id",)))
-            statements.append(
-                f"create table if not exists {table} (site text not null, {typed}, primary key (site, {key}))"
-            )
-        else:
-            time = "hour" if table == "hit_stats" else "day"
-            statements.append(f"create table if not exists {table} (site text not null, {typed})")
-            statements.append(f"create index if not exists {table}_site_{time} on {table} (site, {time})")
-    return statements
-
-
 def _shown(name: str) -> str:
     """A column of pageview_rows as the view shows it."""
     kind = PAGEVIEW_COLUMN_TYPES.get(next((c for c in PAGEVIEW_COLUMN_TYPES if column_name(c) == name), ""))
@@ -109,7 +93,7 @@ class PostgresWarehouse:
         try:
             with self.db.transaction():
                 self.db.execute("select pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                for statement in (*SCHEMA, *_json_tables_schema()):
+                for statement in (*SCHEMA, *json_tables_schema("bigint")):
                     self.db.execute(statement)
                 found = self.db.execute("select max(version) from warehouse_version").fetchone()
                 version = found[0] if found else None
@@ -299,7 +283,7 @@ class PostgresWarehouse:
             cursor.executemany(
                 f"insert into {table} (site, {', '.join(columns)}) values (%s, {', '.join('%s' for _ in columns)}) "  # noqa: S608
                 f"on conflict (site, {', '.join(keys)}) do update set {updates}",
-                [(site, *(_json_value(c, row.get(c)) for c in columns)) for row in rows],
+                [(site, *(json_value(c, row.get(c)) for c in columns)) for row in rows],
             )
 
     def replace_stats(self, site: str, table: str, from_day: str | None, rows: Iterable[dict[str, Any]]) -> int:
@@ -315,7 +299,7 @@ class PostgresWarehouse:
         written = 0
         with self.db.cursor() as cursor, cursor.copy(f"copy {table} (site, {', '.join(columns)}) from stdin") as copy:
             for row in rows:
-                copy.write_row((site, *(_json_value(c, row.get(c)) for c in columns)))
+                copy.write_row((site, *(json_value(c, row.get(c)) for c in columns)))
                 written += 1
         return written
 
@@ -343,14 +327,6 @@ async def _header(pieces: AsyncIterator[bytes]) -> tuple[bytes, list[str] | None
         return head, None
     line = head.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
     return head, split_header(line.split(","))[1]
-
-
-def _json_value(column: str, value: Any) -> Any:
-    if column == "event":
-        return 1 if value else 0
-    if value is None:
-        return None if column in INTEGER_COLUMNS else ""
-    return value
 
 
 def _reason(exc: BaseException) -> str:
