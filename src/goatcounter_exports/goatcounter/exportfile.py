@@ -3,7 +3,7 @@
 It owns:
 - the export's status (running, failed, finished) and, on download, whether its file is gone;
 - the file's bytes, streamed, with the SHA-256 always checked against the export's `hash`:
-  the last piece is held back until the check passes, so a mismatch is an `IntegrityError`
+  its last bytes are held back until the check passes, so a mismatch is an `IntegrityError`
   before the end of the file reaches anyone (one policy, everywhere);
 - the records, from either format: the CSV (gzip-compressed, format version 2, one row per
   pageview), inflated in bounded pieces; or the JSON export (a ZIP of JSON-lines tables of
@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - without it, zlib
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError)
 SUPPORTED_VERSIONS = ("2",)
 HASH_PREFIX = "sha256-"
+HELD_BYTES = 4096  # the end of a download, held back until its SHA-256 matched (a gzip trailer is 8)
 PIECE = 512 * 1024  # most bytes one inflate call may produce: a CSV of repeated rows compresses 100x
 INFLATE_BUDGET = 2 * PIECE  # most bytes one inflate step (on gunzip's thread) may produce: two steps are in memory
 BATCH_ROWS = 10_000  # records handed over at once by `record_batches`
@@ -264,26 +265,32 @@ class ExportFile:
         self._taken = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The file as GoatCounter wrote it (compressed). The last chunk comes only once the SHA-256
-        matched the export's hash; otherwise IntegrityError is raised in its place."""
+        """The file as GoatCounter wrote it (compressed). Its last HELD_BYTES come only once the SHA-256
+        matched the export's hash; otherwise IntegrityError is raised in their place. Only a small tail is
+        held, not a whole chunk: what has arrived flows on at once, however slowly the rest comes."""
         if self._taken:
             raise ExportError("an export file's stream can be read only once")
         self._taken = True
         digest = hashlib.sha256()
-        held: bytes | None = None
+        held = b""
         size = 0
         async for chunk in self._response.chunks():
             digest.update(chunk)
             size += len(chunk)
             await self._progress("downloading", size, self.export.size_bytes)
-            if held is not None:
-                yield held
-            held = chunk
+            if len(chunk) > HELD_BYTES:
+                yield held + memoryview(chunk)[:-HELD_BYTES]  # one copy: the tail before it, and all but its own
+                held = chunk[-HELD_BYTES:]
+            else:
+                both = held + chunk
+                if len(both) > HELD_BYTES:
+                    yield both[:-HELD_BYTES]
+                held = both[-HELD_BYTES:]
         if hash_matches(self.export.hash, digest.hexdigest()) is False:
             raise IntegrityError(
                 f"export {self.export.id}: the file's SHA-256 {digest.hexdigest()} does not match {self.export.hash}"
             )
-        if held is not None:
+        if held:
             yield held
 
     async def csv_bytes(self) -> AsyncIterator[bytes]:
