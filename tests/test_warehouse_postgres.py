@@ -54,6 +54,16 @@ def synced_paths(url: str) -> list[str]:
         return [row[0] for row in db.execute("select path from pageviews order by seq")]
 
 
+def replay_env(replay: ReplayGoatCounter, tmp_path: Path, database: str) -> dict[str, str]:
+    """The environment of a CLI run against the recorded main build, syncing into `database`."""
+    return clean_env(
+        GOATCOUNTER_URL=replay.url,
+        GOATCOUNTER_API_KEY=EXPORT_KEY,
+        GOATCOUNTER_EXPORTS_STATE_DIR=str(tmp_path / "state"),
+        GOATCOUNTER_EXPORTS_DB=database,
+    )
+
+
 def query(url: str, sql: str) -> list[tuple[object, ...]]:
     with psycopg.connect(url) as db:
         return db.execute(sql).fetchall()  # type: ignore[arg-type]
@@ -151,12 +161,7 @@ def test_a_file_that_does_not_match_its_hash_adds_nothing(cluster: Cluster, tmp_
 def test_sync_json_into_postgresql_is_goatcounters_numbers(cluster: Cluster, tmp_path: Path) -> None:
     url = cluster.new_database()
     with ReplayGoatCounter(FIXTURES) as replay:
-        env = clean_env(
-            GOATCOUNTER_URL=replay.url,
-            GOATCOUNTER_API_KEY=EXPORT_KEY,
-            GOATCOUNTER_EXPORTS_STATE_DIR=str(tmp_path / "state"),
-            GOATCOUNTER_EXPORTS_DB=url,
-        )
+        env = replay_env(replay, tmp_path, url)
         first = run_cli(["sync"], env)
         assert first.returncode == 0, first.stderr
         assert visitors(url) == TRUTH["phase1"]["visitors"]
@@ -240,12 +245,7 @@ def test_every_question_has_the_same_answer_from_either_copy(
 def test_the_agent_asks_the_postgresql_copy(cluster: Cluster, tmp_path: Path) -> None:
     url = cluster.new_database()
     with ReplayGoatCounter(FIXTURES) as replay:
-        env = clean_env(
-            GOATCOUNTER_URL=replay.url,
-            GOATCOUNTER_API_KEY=EXPORT_KEY,
-            GOATCOUNTER_EXPORTS_STATE_DIR=str(tmp_path / "state"),
-            GOATCOUNTER_EXPORTS_DB=url,
-        )
+        env = replay_env(replay, tmp_path, url)
         assert run_cli(["sync"], env).returncode == 0
         assert run_cli(["sync"], env).returncode == 0
 
