@@ -455,3 +455,14 @@ FUZZ_REPORT: list[str] = []
 # The suite's one check: conftest.py registers GoatCounter keys and in-process apps in it, run_cli and
 # start_service what they run, and fails the session when `scan()` finds anything.
 LEAKS = LeakCheck()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A Prometheus text page as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

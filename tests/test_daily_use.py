@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from goatcounter_exports.testbed import LocalGoatCounter
 
 from .conftest import service_env
-from .support import SERVE, clean_env, free_port, goatcounter_binary, run_cli, running
+from .support import SERVE, clean_env, free_port, goatcounter_binary, metric_samples, run_cli, running
 
 DOCTOR = ["doctor", "--rest-port", "0", "--mcp-port", "0"]
 
@@ -170,11 +171,7 @@ def test_metrics_parse_and_count_the_requests_made(goatcounter: LocalGoatCounter
         traced = client.get(f"{service.rest}/v1/export/99999", headers={"X-Request-Id": "trace-me-42"})
         fresh = client.get(f"{service.rest}/healthz")
         text = client.get(f"{service.rest}/metrics").text
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = metric_samples(text)
     key = (
         "goatcounter_exports_requests_total",
         (("adapter", "rest"), ("method", "GET"), ("route", "/v1/export/{id}"), ("status", "404")),
@@ -251,3 +248,27 @@ def test_an_export_of_nothing_new_is_a_csv_of_its_header_and_files_follow_the_um
     umask = os.umask(0o022)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # what any new file of this user gets
+
+
+def test_metrics_show_the_budget_learnt_and_the_pageviews_synced(goatcounter: LocalGoatCounter, tmp_path: Path) -> None:
+    env = service_env(goatcounter, tmp_path)
+    synced = run_cli(["sync"], env)
+    assert synced.returncode == 0, synced.stderr
+    with closing(sqlite3.connect(tmp_path / "state.sqlite3")) as state:
+        budgets = state.execute("select host, remaining from budgets").fetchall()
+    with closing(sqlite3.connect(tmp_path / "pageviews.sqlite3")) as copy:
+        cursors = copy.execute("select site, rows from sync_state").fetchall()
+    assert budgets, "the create's answer taught the export budget"
+    with running(SERVE, env) as service:
+        samples = metric_samples(httpx.get(f"{service.rest}/metrics").text)
+    shown_rows = {
+        dict(labels)["site"]: v for (name, labels), v in samples.items() if name == "goatcounter_exports_sync_rows"
+    }
+    assert shown_rows == {site: float(rows) for site, rows in cursors} and all(rows > 0 for _, rows in cursors)
+    shown_budgets = {
+        (dict(labels)["host"], dict(labels)["scope"]): v
+        for (name, labels), v in samples.items()
+        if name == "goatcounter_exports_budget_remaining"
+    }
+    learnt = {(key.partition(" ")[0], key.partition(" ")[2] or "export"): float(left) for key, left in budgets}
+    assert shown_budgets == learnt

@@ -16,7 +16,7 @@ from goatcounter_exports.testbed import LocalGoatCounter
 
 from .conftest import service_env
 from .postgres import Cluster
-from .support import CLI, ROOT, SERVE, RecordingProxy, goatcounter_binary, run_cli, running
+from .support import CLI, ROOT, SERVE, RecordingProxy, goatcounter_binary, metric_samples, run_cli, running
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,8 @@ def test_concurrent_creates_on_two_replicas_make_one_upstream_post(
                     return list(await asyncio.gather(*calls))
 
             answers = asyncio.run(both())
+            # Both replicas show the budget the one create taught the shared store (not a file of their own).
+            pages = [metric_samples(httpx.get(f"{s.rest}/metrics").text) for s in (one, two)]
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [202, 429], [a.text for a in answers]
     created = next(a for a in answers if a.status_code == 202).json()
@@ -61,6 +63,17 @@ def test_concurrent_creates_on_two_replicas_make_one_upstream_post(
     assert refused.json()["recent_export_id"] == created["id"]  # the other replica's export, to reuse
     assert "Nothing was sent to GoatCounter" in refused.json()["error"]
     assert proxy.paths("POST") == ["/api/v0/export"]  # one create reached GoatCounter, whatever the replicas
+    with psycopg.connect(state_url) as db:
+        learnt = db.execute("select host, remaining from budgets").fetchall()
+    assert learnt, "the create's answer taught the export budget"
+    for page in pages:
+        shown = {
+            (dict(labels)["host"], dict(labels)["scope"]): v
+            for (name, labels), v in page.items()
+            if name == "goatcounter_exports_budget_remaining"
+        }
+        assert shown == {(key.partition(" ")[0], key.partition(" ")[2] or "export"): float(n) for key, n in learnt}
+        assert shown[(proxy.url.removeprefix("http://"), "export")] == 0  # GoatCounter's default: one export an hour
 
 
 def test_one_idempotency_key_sent_to_both_replicas_gives_one_export(

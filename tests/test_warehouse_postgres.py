@@ -15,6 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
@@ -26,7 +27,7 @@ from mcp import Client
 from .conftest import service_env
 from .postgres import Cluster
 from .replay import EXPORT_KEY, FIXTURES, ReplayGoatCounter
-from .support import CLI, ROOT, SERVE, clean_env, goatcounter_binary, run_cli, running
+from .support import CLI, ROOT, SERVE, clean_env, goatcounter_binary, metric_samples, run_cli, running
 from .test_json_export import TRUTH
 from .test_workflow import goatcounter_paths
 
@@ -97,6 +98,21 @@ def test_sync_into_postgresql_is_exact_and_incremental(
     assert query(url, "select version from warehouse_version") == [(VERSION,)]
     indexes = {row[0] for row in query(url, "select indexname from pg_indexes where tablename = 'pageview_rows'")}
     assert indexes == {"pageview_rows_pkey", "pageview_rows_site_date"}  # built after the first load
+
+
+def test_metrics_show_the_pageviews_synced_into_postgresql(
+    fresh: LocalGoatCounter, cluster: Cluster, tmp_path: Path
+) -> None:
+    url = cluster.new_database()
+    env = service_env(fresh, tmp_path / "state", GOATCOUNTER_EXPORTS_DB=url)
+    fresh.seed([f"/metric-{i % 4}" for i in range(30)])
+    assert run_cli(["sync"], env).returncode == 0
+    with running(SERVE, env) as service:
+        page = metric_samples(httpx.get(f"{service.rest}/metrics").text)
+    shown = {dict(labels)["site"]: v for (name, labels), v in page.items() if name == "goatcounter_exports_sync_rows"}
+    assert shown == {site: float(rows) for site, rows in query(url, "select site, rows from sync_state")}
+    assert list(shown.values()) == [30.0]
+    assert not (tmp_path / "state" / "pageviews.sqlite3").exists()  # read from PostgreSQL, no SQLite copy made
 
 
 @pytest.mark.parametrize("crash_at", ["download", "before-commit", "after-commit"])

@@ -346,7 +346,9 @@ def build_app(spec: Spec, settings: Settings, *, client: UpstreamClient | None =
         _postgres_store(settings.state_url) if settings.state_url else StateStore(settings.state_dir / STATE_FILE)
     )
     metrics = Metrics()
-    metrics.registry.register(StateCollector(settings.state_dir / STATE_FILE, settings.database))
+    state = StateCollector(store, settings.warehouse)
+    metrics.registry.register(state)
+    metrics.before_scrape.append(state.refresh)
     gc_namespaces = [c.namespace for c in spec.capability.consumes if is_goatcounter(c)]
     create_body, site = CreateBodyStyle(), SiteProbe()  # what each server and site told, learnt once
     profile = GoatCounterProfile(ExportBudget(store), create_body, site)

@@ -37,6 +37,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Awaited before each scrape: collectors that read state (a store that is awaited) read it here.
+        self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         self.requests = Counter(
             "goatcounter_exports_requests", "Requests answered, by adapter, route and status.",
             ["adapter", "route", "method", "status"], registry=self.registry,
@@ -123,7 +125,8 @@ class Observe:
 
 
 def ops_routes(metrics: Metrics, ready: ReadinessCheck) -> list[Route]:
-    """/healthz, /readyz and /metrics (collectors in `metrics.registry` may read state at scrape time)."""
+    """/healthz, /readyz and /metrics (collectors in `metrics.registry` may read state at scrape time, in
+    `metrics.before_scrape`)."""
     cache: dict[str, Any] = {"at": -READY_CACHE_SECONDS, "reason": None}
 
     async def healthz(request: Request) -> Response:
@@ -138,6 +141,8 @@ def ops_routes(metrics: Metrics, ready: ReadinessCheck) -> list[Route]:
         return JSONResponse({"status": "not ready", "reason": cache["reason"]}, 503)
 
     async def prometheus(request: Request) -> Response:
+        for refresh in metrics.before_scrape:
+            await refresh()
         body = await run_in_threadpool(metrics.render)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

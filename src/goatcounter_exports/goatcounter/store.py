@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -119,6 +119,8 @@ class Tx(Protocol):
         """Run a statement; the number of rows it changed."""
 
     async def fetchone(self, sql: str, args: Sequence[object] = ()) -> tuple[Any, ...] | None: ...
+
+    async def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]: ...
 
 
 class Store(ABC):
@@ -273,6 +275,12 @@ class Store(ABC):
             (budget_key(api_uri, scope), limit, remaining, reset_at),
         )
 
+    async def budgets(self) -> list[tuple[str, int, float]]:
+        """Every budget learnt, as (its key: host and scope, remaining, reset_at): what /metrics shows."""
+        async with self._transaction(write=False) as tx:
+            rows = await tx.fetchall("select host, remaining, reset_at from budgets order by host")
+        return [(str(key), int(left), float(reset_at)) for key, left, reset_at in rows]
+
     async def budget(self, api_uri: str, scope: Scope = "export") -> Budget | None:
         row = await self._one(
             "select limit_per_window, remaining, reset_at from budgets where host = ?", (budget_key(api_uri, scope),)
@@ -291,6 +299,10 @@ class _SqliteTx:
         row: tuple[Any, ...] | None = await self.store._on_thread(lambda db: db.execute(sql, tuple(args)).fetchone())
         return row
 
+    async def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = await self.store._on_thread(lambda db: db.execute(sql, tuple(args)).fetchall())
+        return rows
+
 
 class StateStore(Store):
     """The SQLite state file, opened on first use. Its one connection lives on a thread of its own, so the
@@ -306,6 +318,22 @@ class StateStore(Store):
     @property
     def name(self) -> str:
         return self.path.name
+
+    async def budgets(self) -> list[tuple[str, int, float]]:
+        """As Store.budgets, read on a connection of its own (read-only, waiting at most a second): a scrape
+        never queues behind a create's transaction, and never makes the file."""
+
+        def read() -> list[tuple[str, int, float]]:
+            if not self.path.exists():
+                return []
+            with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)) as db:
+                rows = db.execute("select host, remaining, reset_at from budgets order by host").fetchall()
+            return [(str(key), int(left), float(reset_at)) for key, left, reset_at in rows]
+
+        try:
+            return await asyncio.to_thread(read)
+        except sqlite3.Error as exc:
+            raise StateError(f"the state store {self.path.name} cannot be read: {exc}") from None
 
     async def _on_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def on_thread() -> T:

@@ -49,6 +49,10 @@ class _PgTx:
         row: tuple[Any, ...] | None = await cursor.fetchone()
         return row
 
+    async def fetchall(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        cursor = await self.connection.execute(sql.replace("?", "%s"), tuple(args))
+        return list(await cursor.fetchall())
+
 
 class PostgresStateStore(Store):
     lock_rows = " for update"
