@@ -19,10 +19,12 @@ from .support import (
     SERVE,
     LeakCheck,
     LeakLogHandler,
+    RecordingProxy,
     Service,
     clean_env,
     current_test,
     goatcounter_binary,
+    running,
     start_service,
 )
 
@@ -106,3 +108,21 @@ def service(goatcounter: LocalGoatCounter, tmp_path_factory: pytest.TempPathFact
     finally:
         output = running.stop()
         assert goatcounter.export_key not in output
+
+
+@pytest.fixture(scope="module")
+def proxied(
+    goatcounter: LocalGoatCounter, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Service, RecordingProxy]]:
+    """The service behind a recording proxy, to prove what reaches GoatCounter (one per test module). Its records
+    are cleared before each test."""
+    with RecordingProxy(goatcounter.url) as proxy:
+        env = service_env(goatcounter, tmp_path_factory.mktemp("state"), GOATCOUNTER_URL=proxy.url)
+        with running(SERVE, env) as service:
+            yield service, proxy
+
+
+@pytest.fixture(autouse=True)
+def _clear_records(request: pytest.FixtureRequest) -> None:
+    if "proxied" in request.fixturenames:
+        request.getfixturevalue("proxied")[1].requests.clear()

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +38,6 @@ from .support import (
 )
 
 TOKEN = "inbound-token-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def proxied(
-    goatcounter: LocalGoatCounter, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Service, RecordingProxy]]:
-    with RecordingProxy(goatcounter.url) as proxy:
-        env = service_env(goatcounter, tmp_path_factory.mktemp("state"), GOATCOUNTER_URL=proxy.url)
-        with running(SERVE, env) as service:
-            yield service, proxy
-
-
-@pytest.fixture(autouse=True)
-def _clear_records(request: pytest.FixtureRequest) -> None:
-    if "proxied" in request.fixturenames:
-        request.getfixturevalue("proxied")[1].requests.clear()
 
 
 # -- 1. concurrent syncs ------------------------------------------------------------------------

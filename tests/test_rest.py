@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -30,23 +29,6 @@ def read_rows(data: bytes) -> tuple[list[str], list[dict[str, str]]]:
     header = next(reader)
     rows = [dict(zip(header, row, strict=True)) for row in reader]
     return header, rows
-
-
-@pytest.fixture(scope="module")
-def proxied(
-    goatcounter: LocalGoatCounter, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Service, RecordingProxy]]:
-    """The service behind a recording proxy, to prove what reaches GoatCounter. Records are cleared per test."""
-    with RecordingProxy(goatcounter.url) as proxy:
-        env = service_env(goatcounter, tmp_path_factory.mktemp("state"), GOATCOUNTER_URL=proxy.url)
-        with running(SERVE, env) as service:
-            yield service, proxy
-
-
-@pytest.fixture(autouse=True)
-def _clear_records(request: pytest.FixtureRequest) -> None:
-    if "proxied" in request.fixturenames:
-        request.getfixturevalue("proxied")[1].requests.clear()
 
 
 @pytest.fixture(scope="module")
