@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
-from typing import TypedDict, cast
+from typing import Any, TypedDict, cast
 
 LOOPBACK = "127.0.0.1"
 STOP_TIMEOUT_S = 10.0  # how long a process that was told to stop (or killed) may take to go
@@ -99,6 +99,21 @@ class PeakRss:
         self._thread.join(timeout=5)
         if self.method == "VmHWM":
             self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmHWM"))
+
+
+def stop_group(process: subprocess.Popen[Any], first: signal.Signals = signal.SIGTERM, timeout: float = 15) -> None:
+    """Stop a process started with `start_new_session=True`, and its children: `first`, then SIGKILL after
+    `timeout` seconds. Nothing when it has already ended."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, first)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
 
 
 def tail(path: Path, lines: int = 20, *, missing: str = "") -> str:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _data import EXPORT_ID, Dataset
+from _measure import stop_group
 
 LOOPBACK = "127.0.0.1"
 STATUS = json.dumps({"version": "v2.7.0"})
@@ -171,16 +172,8 @@ class Nginx:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGQUIT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if process is not None:
+            stop_group(process, signal.SIGQUIT, timeout=10)  # nginx: SIGQUIT is its graceful stop
 
 
 def _created(dataset: Dataset) -> str:

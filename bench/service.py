@@ -61,6 +61,7 @@ from _measure import (
     cpu_seconds,
     run_guarded,
     run_wrk,
+    stop_group,
     tail,
     versions,
 )
@@ -281,15 +282,7 @@ def running_service(command: Sequence[str], gc_url: str, key: str, workdir: Path
             time.sleep(0.05)
         yield Service(process, rest, mcp, log)
     finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=STOP_TIMEOUT_S)
+        stop_group(process, timeout=STOP_TIMEOUT_S)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import EXPORT_ID, Dataset, build
-from _measure import WRK_REPORT_LUA, PeakRss, run_wrk
+from _measure import WRK_REPORT_LUA, PeakRss, run_wrk, stop_group
 from _upstream import LOOPBACK, PythonUpstream, free_port, nginx_available, nginx_proxy, nginx_upstream, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
@@ -278,14 +278,7 @@ def running_service(
             time.sleep(0.05)
         yield Service(process, rest, mcp, log)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+        stop_group(process)
 
 
 @contextlib.contextmanager
@@ -307,13 +300,7 @@ def running_fastmcp(upstream: str, cpus: set[int] | None) -> Iterator[str | None
         wait_listening(port, None, None, SERVICE_START_TIMEOUT_S)
         yield f"http://{LOOPBACK}:{port}/mcp"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+        stop_group(process)
 
 
 # --------------------------------------------------------------------------------------------------
